@@ -1,0 +1,33 @@
+# Two commands for a new user: `make run` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Kedro telemetry never prompts and never sends (see also .telemetry).
+export KEDRO_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+
+.PHONY: install run test lint benchmark clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes, so repeated calls are cheap (idempotent).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/kedro run
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,131 @@
+"""Feature-extraction throughput: the project's extractor against a naive loop and the compute bound.
+
+    python benchmarks/feature_extraction.py --data data/01_raw/cifar10_jpeg/test --image-size 64 --limit 10000
+
+(a) project: transfer_learning.extraction.extract_features (cache off), end to end from files;
+(b) naive:   torchvision ImageFolder + PIL transforms, DataLoader(num_workers=2), fp32 NCHW, batch 64;
+(c) bound:   forward passes of the same network on random tensors already in memory, best layout.
+The last line reads: project: X img/s | naive: Y img/s | bound: Z img/s | project/bound: R | project/naive: Q
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from transfer_learning.backbones import BackboneSettings, build_backbone
+from transfer_learning.extraction import (
+    ExtractionSettings,
+    autocast_dtype,
+    configure_cpu_threads,
+    extract_features,
+    resolve_device,
+)
+
+
+def image_files(root: str, limit: int) -> tuple[datasets.ImageFolder, list[int]]:
+    folder = datasets.ImageFolder(root)
+    # The first `limit` images across classes, in a fixed interleaved order (every class present).
+    by_class: dict[int, list[int]] = {}
+    for position, (_, label) in enumerate(folder.samples):
+        by_class.setdefault(label, []).append(position)
+    interleaved = [p for group in zip(*by_class.values(), strict=False) for p in group]
+    return folder, interleaved[:limit]
+
+
+def project(backbone, files: list[str], batch_size: int, device: torch.device) -> float:
+    settings = ExtractionSettings(batch_size=batch_size, cache_dir=None, progress=False)
+    result = extract_features(backbone, files, settings, device)
+    return len(files) / result.seconds
+
+
+def naive(backbone, folder, positions: list[int], device: torch.device) -> float:
+    p = backbone.preprocessing
+    folder.transform = transforms.Compose(
+        [
+            transforms.Resize(p.image_size),
+            transforms.CenterCrop(p.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(p.mean, p.std),
+        ]
+    )
+    loader = DataLoader(Subset(folder, positions), batch_size=64, num_workers=2)
+    network = backbone.features.to(device).to(memory_format=torch.contiguous_format).eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for images, _ in loader:
+            network(images.to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(positions) / (time.perf_counter() - start)
+
+
+def bound(backbone, batch_size: int, device: torch.device, seconds: float = 10.0) -> float:
+    size = backbone.preprocessing.image_size
+    dtype = autocast_dtype(device)
+    best = 0.0
+    for layout in (torch.channels_last, torch.contiguous_format):
+        network = backbone.features.to(device).to(memory_format=layout).eval()
+        batch = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=layout)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        ):
+            for _ in range(3):
+                network(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                network(batch)
+                done += batch_size
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        best = max(best, done / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--data", required=True, help="an image folder (one sub-folder per class)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=10000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None, help="project batch (default: 64 on CPU, 512 on GPU)")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
+    if device.type == "cpu":
+        configure_cpu_threads()
+    backbone = build_backbone(BackboneSettings(name=args.backbone, image_size=args.image_size))
+    folder, positions = image_files(args.data, args.limit)
+    files = [folder.samples[p][0] for p in positions]
+    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    print(
+        f"{args.backbone} @ {args.image_size}px, {len(files)} images from {args.data}, device {device} ({card}), "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+    project(backbone, files[: min(len(files), 4 * batch_size)], batch_size, device)  # warm-up
+    project_rate = project(backbone, files, batch_size, device)
+    print(f"project: {project_rate:.0f} img/s (batch {batch_size})")
+    naive_rate = naive(backbone, folder, positions, device)
+    print(f"naive: {naive_rate:.0f} img/s")
+    bound_rate = bound(backbone, batch_size, device)
+    print(f"bound: {bound_rate:.0f} img/s (batch {batch_size})")
+    print(
+        f"project: {project_rate:.0f} img/s | naive: {naive_rate:.0f} img/s | bound: {bound_rate:.0f} img/s"
+        f" | project/bound: {project_rate / bound_rate:.2f} | project/naive: {project_rate / naive_rate:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,4 @@
+"""transfer-learning
+"""
+
+__version__ = "0.1"

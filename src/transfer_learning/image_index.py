@@ -1,0 +1,301 @@
+"""The image index: one row per image (where to read it, label, class name, split).
+
+Every later stage reads images through this table only, so none of them needs to know whether
+the images came from scikit-learn's digits, a folder on disk or a torchvision download.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from transfer_learning.images import DIGITS_SCHEME, IMAGE_EXTENSIONS, unreadable_reason
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SOURCES = ("digits", "imagefolder", "torchvision")
+OFFLINE_ALTERNATIVES = (
+    "Offline, use data.source=imagefolder with data.path=<folder of class sub-folders>, "
+    "or the bundled data.source=digits."
+)
+SKIPPED_COLUMNS = ["location", "reason"]
+
+
+class DataSourceError(ValueError):
+    """The configured data source cannot be turned into an image index."""
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The `data` block of parameters_data_ingestion.yml."""
+
+    source: str = "digits"
+    path: str | None = None
+    name: str | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    on_corrupt: str = "error"
+    download_dir: str = "data/01_raw/torchvision"
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> DataSettings:
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise DataSourceError(
+                f"Unknown parameter(s) data.{', data.'.join(unknown)}; known: data.{', data.'.join(sorted(known))}."
+            )
+        settings = cls(**params)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise DataSourceError(
+                f"data.source={self.source!r} is not a known source; use one of {', '.join(SOURCES)}."
+            )
+        if self.source == "imagefolder" and not self.path:
+            raise DataSourceError(
+                "data.source=imagefolder needs data.path, e.g. "
+                '--params="data.source=imagefolder,data.path=/path/to/images".'
+            )
+        if self.source == "torchvision" and not self.name:
+            raise DataSourceError(
+                "data.source=torchvision needs data.name, e.g. data.name=CIFAR10."
+            )
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if not isinstance(value, int | float) or not 0 < value < 1:
+                raise DataSourceError(f"data.{key}={value!r} must be a number between 0 and 1.")
+        if self.on_corrupt not in ("error", "skip"):
+            raise DataSourceError(
+                f"data.on_corrupt={self.on_corrupt!r} must be 'error' or 'skip'."
+            )
+
+
+def build_image_index(
+    settings: DataSettings, seed: int
+) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+    """Index the configured source; returns (index, class names by label id, skipped files)."""
+    if settings.source == "digits":
+        frame, classes = _index_digits()
+        skipped = pd.DataFrame(columns=SKIPPED_COLUMNS)
+    else:
+        root = (
+            Path(settings.path)
+            if settings.source == "imagefolder"
+            else export_torchvision_dataset(settings.name, Path(settings.download_dir))
+        )
+        frame, classes = _scan_image_folder(root)
+        frame, skipped = _drop_unreadable(frame, settings.on_corrupt)
+        _require_images_per_class(frame, classes, root)
+    frame = assign_splits(frame, settings.val_fraction, settings.test_fraction, seed)
+    return frame.reset_index(drop=True), classes, skipped
+
+
+def _index_digits() -> tuple[pd.DataFrame, list[str]]:
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    frame = pd.DataFrame(
+        {
+            "location": [f"{DIGITS_SCHEME}{i}" for i in range(len(labels))],
+            "label": labels.astype(np.int64),
+            "class_name": [str(label) for label in labels],
+            "split": None,
+        }
+    )
+    return frame, [str(digit) for digit in range(10)]
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(
+        (entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")),
+        key=lambda entry: entry.name,
+    )
+
+
+def _image_files(folder: Path) -> list[str]:
+    found = []
+    for directory, subdirectories, files in os.walk(folder):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        found.extend(
+            os.path.join(directory, name)
+            for name in sorted(files)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        )
+    return found
+
+
+def _scan_image_folder(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    if not root.exists():
+        raise DataSourceError(
+            f"data.path={str(root)!r} does not exist. Point data.path at a folder with one "
+            "sub-folder per class, or with train/, val/, test/ folders that each hold class folders."
+        )
+    if not root.is_dir():
+        raise DataSourceError(f"data.path={str(root)!r} is a file; it must be a folder of class folders.")
+    top = _class_folders(root)
+    split_folders = {entry.name: entry for entry in top if entry.name in SPLITS}
+    if split_folders and "train" not in split_folders:
+        raise DataSourceError(
+            f"{root} has {', '.join(sorted(split_folders))}/ but no train/ folder; "
+            "a split layout needs train/ (val/ and test/ are optional)."
+        )
+    layout = split_folders or {None: root}
+
+    classes = [entry.name for entry in _class_folders(layout.get("train", root))]
+    if not classes:
+        raise DataSourceError(
+            f"{layout.get('train', root)} has no class folders. Put each class's images in a "
+            "sub-folder named after the class."
+        )
+    if len(classes) < 2:
+        raise DataSourceError(
+            f"{layout.get('train', root)} has a single class ({classes[0]!r}); "
+            "classification needs at least two class folders."
+        )
+    label_of = {name: label for label, name in enumerate(classes)}
+
+    rows = []
+    for split, folder in layout.items():
+        for class_folder in _class_folders(folder):
+            if class_folder.name not in label_of:
+                raise DataSourceError(
+                    f"{class_folder} is a class that {layout['train']} does not have; "
+                    f"every split must use the train classes ({', '.join(classes)})."
+                )
+            files = _image_files(class_folder)
+            if not files:
+                raise DataSourceError(
+                    f"Class folder {class_folder} holds no images "
+                    f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder."
+                )
+            label = label_of[class_folder.name]
+            rows.extend((path, label, class_folder.name, split) for path in files)
+    frame = pd.DataFrame(rows, columns=["location", "label", "class_name", "split"])
+    frame["label"] = frame["label"].astype(np.int64)
+    return frame, classes
+
+
+def _drop_unreadable(frame: pd.DataFrame, on_corrupt: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    # Header checks are I/O bound: threads overlap the file opens.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        reasons = list(pool.map(unreadable_reason, frame["location"], chunksize=256))
+    bad = np.array([reason is not None for reason in reasons])
+    skipped = pd.DataFrame(
+        {
+            "location": frame["location"][bad].tolist(),
+            "reason": [reason for reason in reasons if reason is not None],
+        },
+        columns=SKIPPED_COLUMNS,
+    )
+    if skipped.empty:
+        return frame, skipped
+    listing = "\n".join(f"  {row.location}: {row.reason}" for row in skipped.itertuples())
+    if on_corrupt == "error":
+        raise DataSourceError(
+            f"{len(skipped)} image file(s) cannot be read:\n{listing}\n"
+            "Fix or remove them, or set data.on_corrupt=skip to leave them out."
+        )
+    logger.warning("Skipped %d unreadable image file(s):\n%s", len(skipped), listing)
+    return frame[~bad], skipped
+
+
+def _require_images_per_class(frame: pd.DataFrame, classes: list[str], root: Path) -> None:
+    empty = sorted(set(classes) - set(frame["class_name"]))
+    if empty:
+        raise DataSourceError(
+            f"After skipping unreadable files, class(es) {', '.join(empty)} in {root} have no images left."
+        )
+
+
+def assign_splits(
+    frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
+) -> pd.DataFrame:
+    """Fill in missing splits with stratified, seeded draws; predefined splits are kept.
+
+    Rows without a split are divided into train and test; then, if no predefined val split
+    exists, val is drawn from train. Same seed, same split.
+    """
+    frame = frame.copy()
+    unassigned = frame["split"].isna()
+    if unassigned.any():
+        frame.loc[unassigned, "split"] = "train"
+        if not (frame["split"] == "test").any():
+            _draw(frame, frame.index[unassigned], test_fraction, seed, "test", "data.test_fraction")
+    if not (frame["split"] == "val").any():
+        train = frame.index[frame["split"] == "train"]
+        _draw(frame, train, val_fraction, seed + 1, "val", "data.val_fraction")
+    return frame
+
+
+def _draw(
+    frame: pd.DataFrame, rows: pd.Index, fraction: float, seed: int, split: str, parameter: str
+) -> None:
+    labels = frame.loc[rows, "label"]
+    counts = labels.value_counts()
+    if counts.min() < 2:
+        raise DataSourceError(
+            f"Class {frame.loc[labels.index[labels == counts.idxmin()][0], 'class_name']!r} has "
+            f"{counts.min()} image(s); a stratified {split} split ({parameter}) needs at least 2 per class."
+        )
+    try:
+        _, drawn = train_test_split(rows, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as error:
+        raise DataSourceError(
+            f"Cannot draw a stratified {split} split with {parameter}={fraction}: {error} "
+            f"Change {parameter} or add images."
+        ) from error
+    frame.loc[drawn, "split"] = split
+
+
+def export_torchvision_dataset(name: str, download_dir: Path) -> Path:
+    """Download torchvision dataset `name` and write it once as an image folder; return its path."""
+    import torchvision.datasets
+
+    folder = download_dir / f"{name}_images"
+    if (folder / ".complete").exists():
+        return folder
+    dataset_class = getattr(torchvision.datasets, name, None)
+    if dataset_class is None or "train" not in inspect.signature(dataset_class).parameters:
+        raise DataSourceError(
+            f"data.name={name!r} is not a torchvision dataset with train/test splits; use e.g. "
+            f"CIFAR10, CIFAR100, MNIST, FashionMNIST, or data.source=imagefolder."
+        )
+    try:
+        splits = {
+            split: dataset_class(root=str(download_dir), train=split == "train", download=True)
+            for split in ("train", "test")
+        }
+    except (OSError, RuntimeError) as error:  # URLError is an OSError
+        raise DataSourceError(
+            f"Could not download torchvision dataset {name} into {download_dir}: {error}. "
+            + OFFLINE_ALTERNATIVES
+        ) from error
+    # Written beside the final folder and renamed at the end: an interrupted export never
+    # leaves a half-written folder that looks complete.
+    partial = download_dir / f".{name}_images.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    for split, dataset in splits.items():
+        classes = [str(c).replace("/", "_") for c in dataset.classes]
+        for class_name in classes:
+            (partial / split / class_name).mkdir(parents=True, exist_ok=True)
+        for position, (image, label) in enumerate(dataset):
+            image.save(partial / split / classes[label] / f"{position:06d}.png")
+    (partial / ".complete").touch()
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder

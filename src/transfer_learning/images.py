@@ -1,0 +1,97 @@
+"""Reading one image from wherever the image index says it lives, always as 3-channel RGB."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+# Past this size a JPEG is probably a photo far larger than the network's input, and PIL's
+# reduced-scale (draft) decoding beats a full-size decode.
+_DRAFT_WORTHWHILE_BYTES = 64 * 1024
+
+# scikit-learn's bundled digits have no files: the index points at them by position.
+DIGITS_SCHEME = "sklearn-digits:"
+
+
+@lru_cache(maxsize=1)
+def _digits_pixels() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    # 0..16 grey levels → 0..255 so that they look like any other 8-bit image.
+    return np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode (grey, palette, RGBA, CMYK, 16-bit, float) to 8-bit RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        # 16/32-bit and float images: stretch the real range to 0..255 instead of clipping.
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = Image.fromarray(((pixels - low) * scale).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in {"RGBA", "LA", "PA"}:
+        # Transparent pixels become white rather than whatever colour they hide.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_rgb(location: str, min_size: int | None = None) -> Image.Image:
+    """Decode the image at `location` (a file path or a `sklearn-digits:<i>` reference) as RGB.
+
+    With `min_size`, a JPEG much larger than needed is decoded at 1/2, 1/4 or 1/8 scale (never
+    below `min_size` on its shorter side): far less work for photos bound for a small network.
+    """
+    if location.startswith(DIGITS_SCHEME):
+        pixels = _digits_pixels()[int(location[len(DIGITS_SCHEME) :])]
+        return Image.fromarray(pixels, mode="L").convert("RGB")
+    with Image.open(location) as image:
+        if min_size is not None and image.format == "JPEG" and image.mode in {"RGB", "L"}:
+            image.draft(image.mode, (min_size, min_size))
+        image.load()  # decode now: the file closes when this block ends
+        return to_rgb(image)
+
+
+def load_rgb_tensor(location: str, min_size: int | None = None) -> torch.Tensor:
+    """Like `load_rgb`, as a uint8 (3, H, W) tensor.
+
+    Small JPEGs go through torchvision's libjpeg-turbo decoder, about twice as fast as PIL's
+    path here; everything else (and any JPEG it refuses) goes through PIL.
+    """
+    if (
+        location.lower().endswith((".jpg", ".jpeg"))
+        and not location.startswith(DIGITS_SCHEME)
+    ):
+        try:
+            data = read_file(location)
+            if min_size is None or len(data) < _DRAFT_WORTHWHILE_BYTES:
+                return decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # CMYK, progressive oddities, …: PIL knows more formats
+    image = load_rgb(location, min_size)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def unreadable_reason(path: str) -> str | None:
+    """Why the file at `path` is not an image PIL can open, or None when its header is fine.
+
+    Only the header is read, so indexing a large tree stays fast; pixels are decoded later.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.width < 1 or image.height < 1:
+                return f"empty image ({image.width}x{image.height})"
+    except Exception as error:  # PIL raises many types for bad files; all mean the same here
+        return f"{type(error).__name__}: {error}"
+    return None

@@ -1,0 +1,18 @@
+"""The data_ingestion pipeline."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import index_images
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                func=index_images,
+                inputs=["params:data", "params:seed"],
+                outputs=["image_index", "class_names", "skipped_images", "ingestion_metrics"],
+                name="index_images",
+            )
+        ]
+    )

@@ -1,0 +1,5 @@
+"""Feature transfer: a scikit-learn head on frozen pretrained features."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

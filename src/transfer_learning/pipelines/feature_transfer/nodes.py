@@ -1,0 +1,94 @@
+"""Nodes of the feature_transfer pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from transfer_learning.evaluation import align_probabilities
+from transfer_learning.heads import HeadSettings, select_and_fit
+
+logger = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+def split_features(image_features: Arrays) -> tuple[Arrays, Arrays, Arrays]:
+    """Features, labels and locations of the train, val and test splits, each on its own.
+
+    Keeping test in a separate dataset is what lets the pipeline show that only the
+    evaluation nodes ever read it.
+    """
+    parts = []
+    for split in ("train", "val", "test"):
+        rows = image_features["split"] == split
+        parts.append(
+            {
+                "features": image_features["features"][rows],
+                "label": image_features["label"][rows],
+                "location": image_features["location"][rows],
+            }
+        )
+    return tuple(parts)
+
+
+def fit_head(
+    train_features: Arrays, val_features: Arrays, head: dict[str, Any], seed: int
+) -> tuple[Pipeline, Pipeline, dict[str, Any]]:
+    """Choose the head's hyper-parameters on val, refit, and summarise the training.
+
+    Returns the fitted sklearn pipeline twice (the versioned catalog copy and the MLflow
+    model) and a summary with fit time, the chosen parameters and the search.
+    """
+    settings = HeadSettings.from_params(head)
+    fitted = select_and_fit(
+        (train_features["features"], train_features["label"]),
+        (val_features["features"], val_features["label"]),
+        settings,
+        seed,
+    )
+    logger.info(
+        "Head %s chose %s (val accuracy %.4f) in %.1f s",
+        settings.type,
+        fitted.best_params,
+        fitted.val_accuracy,
+        fitted.fit_seconds,
+    )
+    summary = {
+        "strategy": "feature_transfer",
+        "fit_seconds": fitted.fit_seconds,
+        "val_accuracy": fitted.val_accuracy,
+        "best_params": fitted.best_params,
+        "search": fitted.search,
+        "trainable_parameters": _head_parameter_count(fitted.model),
+        "head": settings.type,
+    }
+    return fitted.model, fitted.model, summary
+
+
+def _head_parameter_count(model: Pipeline) -> int:
+    classifier = model[-1]
+    coef = getattr(classifier, "coef_", None)
+    intercept = getattr(classifier, "intercept_", None)
+    if coef is None:
+        return 0
+    return int(np.size(coef) + (np.size(intercept) if intercept is not None else 0))
+
+
+def predict_test_split(
+    head_model: Pipeline, test_features: Arrays, class_names: dict[str, list[str]]
+) -> Arrays:
+    """Class probabilities on the test split, one column per class id."""
+    probabilities = align_probabilities(
+        head_model.predict_proba(test_features["features"]),
+        head_model.classes_,
+        len(class_names["classes"]),
+    )
+    return {
+        "label": test_features["label"],
+        "probabilities": probabilities,
+        "location": test_features["location"],
+    }

@@ -1,0 +1,40 @@
+"""The feature_transfer pipeline: features → head fitted on train, chosen on val → test predictions.
+
+Its datasets live under the `feature_transfer.` namespace, like every strategy's, so that the
+shared evaluation reads `feature_transfer.test_predictions` and `feature_transfer.training_summary`.
+"""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import fit_head, predict_test_split, split_features
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    nodes = Pipeline(
+        [
+            Node(
+                func=split_features,
+                inputs="image_features",
+                outputs=["train_features", "val_features", "test_features"],
+                name="split_features",
+            ),
+            Node(
+                func=fit_head,
+                inputs=["train_features", "val_features", "params:head", "params:seed"],
+                outputs=["model", "mlflow_model", "training_summary"],
+                name="fit_head",
+            ),
+            Node(
+                func=predict_test_split,
+                inputs=["model", "test_features", "class_names"],
+                outputs="test_predictions",
+                name="predict_test_split",
+            ),
+        ]
+    )
+    return Pipeline(
+        nodes,
+        namespace="feature_transfer",
+        inputs={"image_features", "class_names"},
+        parameters={"params:head", "params:seed"},
+    )
