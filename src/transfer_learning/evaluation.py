@@ -80,7 +80,7 @@ def evaluate_predictions(
         "accuracy": float(accuracy_score(labels, predicted)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
         "macro_f1": float(f1_score(labels, predicted, average="macro", labels=everyone, zero_division=0)),
-        "log_loss": float(log_loss(labels, np.clip(probabilities, 1e-15, 1.0), labels=everyone)),
+        "log_loss": float(log_loss(labels, probabilities, labels=everyone)),
         "ece": ece,
         "n_test": int(len(labels)),
     }

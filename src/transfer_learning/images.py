@@ -36,7 +36,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         pixels = np.asarray(image, dtype=np.float64)
         low, high = float(pixels.min()), float(pixels.max())
         scale = 255.0 / (high - low) if high > low else 0.0
-        image = Image.fromarray(((pixels - low) * scale).astype(np.uint8), mode="L")
+        image = Image.fromarray(((pixels - low) * scale).astype(np.uint8))
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in {"RGBA", "LA", "PA"}:
@@ -55,7 +55,7 @@ def load_rgb(location: str, min_size: int | None = None) -> Image.Image:
     """
     if location.startswith(DIGITS_SCHEME):
         pixels = _digits_pixels()[int(location[len(DIGITS_SCHEME) :])]
-        return Image.fromarray(pixels, mode="L").convert("RGB")
+        return Image.fromarray(pixels).convert("RGB")
     with Image.open(location) as image:
         if min_size is not None and image.format == "JPEG" and image.mode in {"RGB", "L"}:
             image.draft(image.mode, (min_size, min_size))

@@ -1,0 +1,61 @@
+"""Shared fixtures: small real image folders made on the fly, and the project root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_ARCHIVE = PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+
+
+def write_image(path: Path, rng: np.random.Generator, mode: str = "RGB", size=(24, 20)) -> Path:
+    """A random image in `mode`; classes differ by their mean colour so heads can learn them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if mode == "I;16":
+        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def make_image_folder(tmp_path):
+    """make_image_folder({'cat': 6, 'dog': 6}, splits=('train', 'test')) → folder path."""
+
+    def make(classes: dict[str, int], splits: tuple[str, ...] | None = None, suffix=".png") -> Path:
+        rng = np.random.default_rng(0)
+        root = tmp_path / "images"
+        for split in splits or (None,):
+            base = root / split if split else root
+            for class_name, count in classes.items():
+                for i in range(count):
+                    write_image(base / class_name / f"{i:03d}{suffix}", rng)
+        return root
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def cifar10_tree(tmp_path_factory) -> Path:
+    """The unpacked CIFAR-10 JPEG tree, or a skip when ../shared/datasets is absent."""
+    unpacked = PROJECT_ROOT / "data" / "01_raw" / "cifar10_jpeg"
+    if (unpacked / "train").is_dir():
+        return unpacked
+    if not CIFAR10_ARCHIVE.exists():
+        pytest.skip(f"{CIFAR10_ARCHIVE} is absent (only the project's own machines have it)")
+    import tarfile
+
+    target = tmp_path_factory.mktemp("cifar10_jpeg")
+    with tarfile.open(CIFAR10_ARCHIVE) as archive:
+        archive.extractall(target, filter="data")
+    return target

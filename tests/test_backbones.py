@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_sample_images
+from torchvision.models import ResNet18_Weights
+
+from transfer_learning.backbones import BackboneError, BackboneSettings, build_backbone
+from transfer_learning.extraction import EvalTransform, Normaliser
+
+IMAGENET = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+
+
+def imagenet_top5(backbone) -> list[list[str]]:
+    """ImageNet top-5 of the full network on scikit-learn's china.jpg and flower.jpg."""
+    transform, normalise = EvalTransform(backbone.preprocessing), Normaliser(backbone.preprocessing)
+    photos = [
+        transform(torch.from_numpy(p.copy()).permute(2, 0, 1))
+        for p in load_sample_images().images
+    ]
+    with torch.inference_mode():
+        logits = backbone.full_network()(normalise(torch.stack(photos)))
+    return [[IMAGENET[i] for i in row] for row in logits.topk(5).indices.tolist()]
+
+
+def test_default_weights_are_real_imagenet_weights():
+    china, flower = imagenet_top5(build_backbone(BackboneSettings()))
+    assert "palace" in china
+    assert "daisy" in flower
+
+
+def test_random_initialisation_does_not_recognise_the_photos():
+    torch.manual_seed(0)
+    china, flower = imagenet_top5(build_backbone(BackboneSettings(pretrained=False)))
+    assert not ("palace" in china and "daisy" in flower)
+
+
+def test_backbone_reports_its_preprocessing_and_width():
+    backbone = build_backbone(BackboneSettings(image_size=64))
+    assert backbone.feature_dim == 1280
+    assert backbone.preprocessing.image_size == 64
+    assert backbone.preprocessing.mean == (0.5, 0.5, 0.5)
+    with torch.inference_mode():
+        assert backbone.features(torch.zeros(2, 3, 64, 64)).shape == (2, 1280)
+
+
+def test_torchvision_family_without_download():
+    backbone = build_backbone(BackboneSettings(name="torchvision/resnet18", pretrained=False))
+    assert backbone.feature_dim == 512
+    assert backbone.preprocessing.image_size == 224
+    with torch.inference_mode():
+        assert backbone.features(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
+        assert backbone.full_network()(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_local_weights_file_round_trips(tmp_path):
+    torch.manual_seed(3)
+    source = build_backbone(BackboneSettings(name="torchvision/resnet18", pretrained=False))
+    from torchvision.models import resnet18
+
+    reference = resnet18()
+    reference.load_state_dict({**source.features.state_dict(), **{f"fc.{k}": v for k, v in source.classifier.fc.state_dict().items()}})
+    path = tmp_path / "resnet18.pt"
+    torch.save(reference.state_dict(), path)
+    loaded = build_backbone(BackboneSettings(name="torchvision/resnet18", weights_path=str(path)))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.full_network()(x), reference.eval()(x), atol=1e-5)
+
+
+def test_weights_of_another_architecture_name_the_first_mismatch(tmp_path):
+    from torchvision.models import resnet18
+
+    other = resnet18(num_classes=10)
+    path = tmp_path / "ten_classes.pt"
+    torch.save(other.state_dict(), path)
+    with pytest.raises(BackboneError, match=r"tensor 'fc.weight' has shape \(10, 512\)"):
+        build_backbone(BackboneSettings(name="torchvision/resnet18", weights_path=str(path)))
+
+
+def test_missing_weights_file():
+    with pytest.raises(BackboneError, match="backbone.weights_path='/nope.pt' does not exist"):
+        build_backbone(BackboneSettings(weights_path="/nope.pt"))
+
+
+def test_unknown_backbone_name():
+    with pytest.raises(BackboneError, match="backbone.name='vgg_lite' is unknown"):
+        build_backbone(BackboneSettings(name="vgg_lite"))
+
+
+def test_offline_download_names_the_offline_choices(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    with pytest.raises(BackboneError, match="Offline choices: backbone.name=efficientnet_lite0"):
+        build_backbone(BackboneSettings(name="torchvision/resnet18"))

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+
+from transfer_learning.heads import HeadError, HeadSettings, build_head, select_and_fit
+
+
+@pytest.fixture(scope="module")
+def splits():
+    x, y = make_classification(600, 20, n_informative=8, n_classes=3, random_state=0)
+    return (x[:300], y[:300]), (x[300:450], y[300:450]), (x[450:], y[450:])
+
+
+@pytest.mark.parametrize("head_type", ["logistic_regression", "linear_svm", "knn", "sklearn.ensemble.RandomForestClassifier"])
+def test_every_head_type_learns(splits, head_type):
+    train, val, test = splits
+    fitted = select_and_fit(train, val, HeadSettings(type=head_type), seed=0)
+    assert fitted.model.score(*test) > 0.6
+    assert fitted.model.predict_proba(test[0]).shape == (150, 3)
+
+
+def test_regularisation_is_chosen_on_val(splits):
+    train, val, _ = splits
+    fitted = select_and_fit(train, val, HeadSettings(grid={"C": [1e-4, 1.0]}), seed=0)
+    assert [row["C"] for row in fitted.search] == [1e-4, 1.0]
+    best = max(fitted.search, key=lambda row: row["val_accuracy"])
+    assert fitted.best_params == {"C": best["C"]} and fitted.val_accuracy == best["val_accuracy"]
+
+
+def test_scaler_is_inside_the_pipeline_and_fitted_on_training_data_only(splits):
+    train, val, _ = splits
+    fitted = select_and_fit(train, val, HeadSettings(refit_on_train_val=False), seed=0)
+    np.testing.assert_allclose(fitted.model["scale"].mean_, train[0].mean(axis=0))
+
+
+def test_balanced_class_weight_reaches_the_classifier():
+    assert build_head(HeadSettings(class_weight="balanced"), seed=0)["classifier"].class_weight == "balanced"
+
+
+@pytest.mark.parametrize("params,message", [({"type": "sklearn.nothing.Here"}, "neither one of"), ({"class_weight": "auto"}, "head.class_weight='auto'"), ({"kind": "knn"}, "head.kind")])
+def test_bad_head_settings(params, message):
+    with pytest.raises(HeadError, match=message):
+        build_head(HeadSettings.from_params(params), seed=0)
+
+
+def test_estimators_without_probabilities_are_refused():
+    with pytest.raises(HeadError, match="has no predict_proba"):
+        build_head(HeadSettings(type="sklearn.svm.LinearSVC"), seed=0)
