@@ -72,7 +72,9 @@ def bound(backbone, batch_size: int, device: torch.device, seconds: float = 10.0
     best = 0.0
     for layout in (torch.channels_last, torch.contiguous_format):
         network = backbone.features.to(device).to(memory_format=layout).eval()
-        batch = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=layout)
+        batch = torch.randn(batch_size, 3, size, size, device=device).contiguous(
+            memory_format=layout
+        )
         with (
             torch.inference_mode(),
             torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
@@ -92,12 +94,19 @@ def bound(backbone, batch_size: int, device: torch.device, seconds: float = 10.0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="an image folder (one sub-folder per class)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=10000)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=None, help="project batch (default: 64 on CPU, 512 on GPU)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="project batch (default: 64 on CPU, 512 on GPU)",
+    )
     parser.add_argument("--backbone", default="efficientnet_lite0")
     args = parser.parse_args()
 
@@ -108,7 +117,11 @@ def main() -> None:
     backbone = build_backbone(BackboneSettings(name=args.backbone, image_size=args.image_size))
     folder, positions = image_files(args.data, args.limit)
     files = [folder.samples[p][0] for p in positions]
-    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    card = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
     print(
         f"{args.backbone} @ {args.image_size}px, {len(files)} images from {args.data}, device {device} ({card}), "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"

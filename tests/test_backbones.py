@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_sample_images
@@ -14,8 +13,7 @@ def imagenet_top5(backbone) -> list[list[str]]:
     """ImageNet top-5 of the full network on scikit-learn's china.jpg and flower.jpg."""
     transform, normalise = EvalTransform(backbone.preprocessing), Normaliser(backbone.preprocessing)
     photos = [
-        transform(torch.from_numpy(p.copy()).permute(2, 0, 1))
-        for p in load_sample_images().images
+        transform(torch.from_numpy(p.copy()).permute(2, 0, 1)) for p in load_sample_images().images
     ]
     with torch.inference_mode():
         logits = backbone.full_network()(normalise(torch.stack(photos)))
@@ -58,7 +56,12 @@ def test_local_weights_file_round_trips(tmp_path):
     from torchvision.models import resnet18
 
     reference = resnet18()
-    reference.load_state_dict({**source.features.state_dict(), **{f"fc.{k}": v for k, v in source.classifier.fc.state_dict().items()}})
+    reference.load_state_dict(
+        {
+            **source.features.state_dict(),
+            **{f"fc.{k}": v for k, v in source.classifier.fc.state_dict().items()},
+        }
+    )
     path = tmp_path / "resnet18.pt"
     torch.save(reference.state_dict(), path)
     loaded = build_backbone(BackboneSettings(name="torchvision/resnet18", weights_path=str(path)))

@@ -28,7 +28,9 @@ def test_metrics_agree_with_scikit_learn():
     probabilities = rng.dirichlet(np.ones(7), 200)
     probabilities[np.arange(200), labels] += 0.5
     probabilities /= probabilities.sum(axis=1, keepdims=True)
-    metrics, per_class, reliability, matrix = evaluate_predictions(labels, probabilities, list("abcdefg"))
+    metrics, per_class, reliability, matrix = evaluate_predictions(
+        labels, probabilities, list("abcdefg")
+    )
     assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, probabilities.argmax(1)))
     assert metrics["log_loss"] == pytest.approx(log_loss(labels, probabilities))
     assert metrics["n_test"] == 200 and 0 <= metrics["ece"] <= 1
@@ -37,7 +39,9 @@ def test_metrics_agree_with_scikit_learn():
 
 
 def test_no_top5_with_five_classes_or_fewer():
-    metrics, *_ = evaluate_predictions(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
+    metrics, *_ = evaluate_predictions(
+        np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"]
+    )
     assert "top5_accuracy" not in metrics and metrics["accuracy"] == 1.0
 
 

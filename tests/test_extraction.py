@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import write_image
 from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.extraction import (
     EvalCollate,
@@ -14,7 +15,6 @@ from transfer_learning.extraction import (
     resolve_device,
 )
 from transfer_learning.images import load_rgb_tensor
-from tests.conftest import write_image
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,9 @@ def test_features_match_a_plain_forward_pass(backbone, files, workers):
     settings = ExtractionSettings(batch_size=2, num_workers=workers, cache_dir=None, progress=False)
     result = extract_features(backbone, files, settings, torch.device("cpu"))
     assert result.features.shape == (5, 1280) and not result.cached
-    np.testing.assert_allclose(result.features, direct_features(backbone, files), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        result.features, direct_features(backbone, files), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_unchanged_images_are_not_recomputed(backbone, files, tmp_path):
@@ -83,7 +85,14 @@ def test_device_choices():
             resolve_device("cuda")
 
 
-@pytest.mark.parametrize("params,message", [({"batch_size": 0}, "extraction.batch_size=0"), ({"num_workers": -1}, "extraction.num_workers=-1"), ({"batchsize": 8}, "extraction.batchsize")])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"batch_size": 0}, "extraction.batch_size=0"),
+        ({"num_workers": -1}, "extraction.num_workers=-1"),
+        ({"batchsize": 8}, "extraction.batchsize"),
+    ],
+)
 def test_bad_extraction_settings(params, message):
     with pytest.raises(ExtractionError, match=message):
         ExtractionSettings.from_params(params)

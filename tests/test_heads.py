@@ -11,7 +11,10 @@ def splits():
     return (x[:300], y[:300]), (x[300:450], y[300:450]), (x[450:], y[450:])
 
 
-@pytest.mark.parametrize("head_type", ["logistic_regression", "linear_svm", "knn", "sklearn.ensemble.RandomForestClassifier"])
+@pytest.mark.parametrize(
+    "head_type",
+    ["logistic_regression", "linear_svm", "knn", "sklearn.ensemble.RandomForestClassifier"],
+)
 def test_every_head_type_learns(splits, head_type):
     train, val, test = splits
     fitted = select_and_fit(train, val, HeadSettings(type=head_type), seed=0)
@@ -34,10 +37,20 @@ def test_scaler_is_inside_the_pipeline_and_fitted_on_training_data_only(splits):
 
 
 def test_balanced_class_weight_reaches_the_classifier():
-    assert build_head(HeadSettings(class_weight="balanced"), seed=0)["classifier"].class_weight == "balanced"
+    assert (
+        build_head(HeadSettings(class_weight="balanced"), seed=0)["classifier"].class_weight
+        == "balanced"
+    )
 
 
-@pytest.mark.parametrize("params,message", [({"type": "sklearn.nothing.Here"}, "neither one of"), ({"class_weight": "auto"}, "head.class_weight='auto'"), ({"kind": "knn"}, "head.kind")])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"type": "sklearn.nothing.Here"}, "neither one of"),
+        ({"class_weight": "auto"}, "head.class_weight='auto'"),
+        ({"kind": "knn"}, "head.kind"),
+    ],
+)
 def test_bad_head_settings(params, message):
     with pytest.raises(HeadError, match=message):
         build_head(HeadSettings.from_params(params), seed=0)

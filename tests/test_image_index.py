@@ -48,7 +48,10 @@ def test_predefined_splits_are_kept(make_image_folder):
 @pytest.mark.parametrize(
     "params,message",
     [
-        ({"source": "imagefolder", "path": "/no/such/folder"}, "data.path='/no/such/folder' does not exist"),
+        (
+            {"source": "imagefolder", "path": "/no/such/folder"},
+            "data.path='/no/such/folder' does not exist",
+        ),
         ({"source": "imagefolder"}, "data.source=imagefolder needs data.path"),
         ({"source": "kaggle"}, "data.source='kaggle' is not a known source"),
         ({"val_fraction": 1.5}, "data.val_fraction=1.5 must be a number between 0 and 1"),
@@ -116,4 +119,6 @@ def test_offline_torchvision_download_names_the_alternatives(tmp_path, monkeypat
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     with pytest.raises(DataSourceError) as error:
         index(source="torchvision", name="CIFAR10", download_dir=str(tmp_path))
-    assert "data.source=imagefolder" in str(error.value) and "data.source=digits" in str(error.value)
+    assert "data.source=imagefolder" in str(error.value) and "data.source=digits" in str(
+        error.value
+    )

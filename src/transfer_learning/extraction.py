@@ -43,7 +43,9 @@ class ExtractionSettings:
     def from_params(cls, params: Mapping[str, Any]) -> ExtractionSettings:
         unknown = sorted(set(params) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ExtractionError(f"Unknown parameter(s) extraction.{', extraction.'.join(unknown)}.")
+            raise ExtractionError(
+                f"Unknown parameter(s) extraction.{', extraction.'.join(unknown)}."
+            )
         settings = cls(**params)
         if not isinstance(settings.batch_size, int) or settings.batch_size < 1:
             raise ExtractionError(f"extraction.batch_size={settings.batch_size!r} must be ≥ 1.")

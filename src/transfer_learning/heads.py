@@ -130,7 +130,10 @@ def select_and_fit(
     """
     start = time.perf_counter()
     template = build_head(settings, seed)
-    grid = [{f"classifier__{k}": v for k, v in point.items()} for point in ParameterGrid(settings.default_grid())]
+    grid = [
+        {f"classifier__{k}": v for k, v in point.items()}
+        for point in ParameterGrid(settings.default_grid())
+    ]
     search = []
     best: tuple[float, dict[str, Any], Pipeline] | None = None
     for point in grid or [{}]:

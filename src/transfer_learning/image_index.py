@@ -80,9 +80,7 @@ class DataSettings:
             if not isinstance(value, int | float) or not 0 < value < 1:
                 raise DataSourceError(f"data.{key}={value!r} must be a number between 0 and 1.")
         if self.on_corrupt not in ("error", "skip"):
-            raise DataSourceError(
-                f"data.on_corrupt={self.on_corrupt!r} must be 'error' or 'skip'."
-            )
+            raise DataSourceError(f"data.on_corrupt={self.on_corrupt!r} must be 'error' or 'skip'.")
 
 
 def build_image_index(
@@ -146,7 +144,9 @@ def _scan_image_folder(root: Path) -> tuple[pd.DataFrame, list[str]]:
             "sub-folder per class, or with train/, val/, test/ folders that each hold class folders."
         )
     if not root.is_dir():
-        raise DataSourceError(f"data.path={str(root)!r} is a file; it must be a folder of class folders.")
+        raise DataSourceError(
+            f"data.path={str(root)!r} is a file; it must be a folder of class folders."
+        )
     top = _class_folders(root)
     split_folders = {entry.name: entry for entry in top if entry.name in SPLITS}
     if split_folders and "train" not in split_folders:

@@ -69,10 +69,7 @@ def load_rgb_tensor(location: str, min_size: int | None = None) -> torch.Tensor:
     Small JPEGs go through torchvision's libjpeg-turbo decoder, about twice as fast as PIL's
     path here; everything else (and any JPEG it refuses) goes through PIL.
     """
-    if (
-        location.lower().endswith((".jpg", ".jpeg"))
-        and not location.startswith(DIGITS_SCHEME)
-    ):
+    if location.lower().endswith((".jpg", ".jpeg")) and not location.startswith(DIGITS_SCHEME):
         try:
             data = read_file(location)
             if min_size is None or len(data) < _DRAFT_WORTHWHILE_BYTES:

@@ -9,7 +9,9 @@ def test_ingestion_pipeline_on_an_image_folder(make_image_folder):
     (root / "bee" / "bad.png").write_bytes(b"nope")
     catalog = DataCatalog(
         {
-            "params:data": MemoryDataset({"source": "imagefolder", "path": str(root), "on_corrupt": "skip"}),
+            "params:data": MemoryDataset(
+                {"source": "imagefolder", "path": str(root), "on_corrupt": "skip"}
+            ),
             "params:seed": MemoryDataset(0),
         }
     )

@@ -13,7 +13,9 @@ def test_extraction_pipeline_on_digits(tmp_path):
         {
             "image_index": MemoryDataset(index),
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 32}),
-            "params:extraction": MemoryDataset({"batch_size": 16, "num_workers": 0, "cache_dir": str(tmp_path), "progress": False}),
+            "params:extraction": MemoryDataset(
+                {"batch_size": 16, "num_workers": 0, "cache_dir": str(tmp_path), "progress": False}
+            ),
             "params:device": MemoryDataset("cpu"),
         }
     )

@@ -19,7 +19,12 @@ def digits_features(poison_test: bool) -> dict[str, np.ndarray]:
         test = split == "test"
         features[test] = np.nan
         labels[test] = np.random.default_rng(0).permutation(labels[test])
-    return {"features": features, "label": labels, "split": split, "location": np.array([f"sklearn-digits:{i}" for i in range(n)])}
+    return {
+        "features": features,
+        "label": labels,
+        "split": split,
+        "location": np.array([f"sklearn-digits:{i}" for i in range(n)]),
+    }
 
 
 def run(features):
@@ -27,11 +32,15 @@ def run(features):
         {
             "image_features": MemoryDataset(features),
             "class_names": MemoryDataset({"classes": [str(d) for d in range(10)]}),
-            "params:head": MemoryDataset({"type": "logistic_regression", "grid": {"C": [0.01, 1.0]}}),
+            "params:head": MemoryDataset(
+                {"type": "logistic_regression", "grid": {"C": [0.01, 1.0]}}
+            ),
             "params:seed": MemoryDataset(0),
         }
     )
-    pipeline = create_pipeline().filter(node_names=["feature_transfer.split_features", "feature_transfer.fit_head"])
+    pipeline = create_pipeline().filter(
+        node_names=["feature_transfer.split_features", "feature_transfer.fit_head"]
+    )
     return SequentialRunner().run(pipeline, catalog)
 
 
@@ -43,7 +52,8 @@ def test_test_split_never_reaches_head_selection():
     assert clean_summary["search"] == poisoned_summary["search"]
     assert clean_summary["best_params"] == poisoned_summary["best_params"]
     np.testing.assert_array_equal(
-        clean["feature_transfer.model"].load()[-1].coef_, poisoned["feature_transfer.model"].load()[-1].coef_
+        clean["feature_transfer.model"].load()[-1].coef_,
+        poisoned["feature_transfer.model"].load()[-1].coef_,
     )
 
 
@@ -56,12 +66,25 @@ def test_feature_transfer_and_evaluation_end_to_end():
             "params:seed": MemoryDataset(0),
         }
     )
-    outputs = SequentialRunner().run(create_pipeline() + evaluation_for("feature_transfer"), catalog)
+    outputs = SequentialRunner().run(
+        create_pipeline() + evaluation_for("feature_transfer"), catalog
+    )
     report = outputs["feature_transfer.metrics"].load()
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece", "n_test", "fit_seconds", "top5_accuracy", "log_loss"):
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "ece",
+        "n_test",
+        "fit_seconds",
+        "top5_accuracy",
+        "log_loss",
+    ):
         assert key in report
     assert report["accuracy"] > 0.9 and report["n_test"] == 599
     assert report["strategy"] == "feature_transfer"
     assert outputs["feature_transfer.confusion_matrix"].load().axes
     assert len(outputs["feature_transfer.per_class_metrics"].load()) == 10
-    assert outputs["feature_transfer.mlflow_metrics"].load()["accuracy"]["value"] == pytest.approx(report["accuracy"])
+    assert outputs["feature_transfer.mlflow_metrics"].load()["accuracy"]["value"] == pytest.approx(
+        report["accuracy"]
+    )
