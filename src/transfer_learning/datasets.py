@@ -47,3 +47,33 @@ class ArraysDataset(AbstractVersionedDataset[dict[str, np.ndarray], dict[str, np
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "version": self._version}
+
+
+class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, Any]]):
+    """A dict of tensors and plain values (a model checkpoint), versioned and written atomically.
+
+    Loaded with ``torch.load(weights_only=True)``: a checkpoint file can never run code on load.
+    """
+
+    def __init__(self, filepath: str, version: Version | None = None) -> None:
+        super().__init__(PurePosixPath(filepath), version)
+
+    def load(self) -> dict[str, Any]:
+        import torch
+
+        return torch.load(Path(self._get_load_path()), map_location="cpu", weights_only=True)
+
+    def save(self, data: dict[str, Any]) -> None:
+        import torch
+
+        path = Path(self._get_save_path())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save(data, partial)
+        os.replace(partial, path)
+
+    def _exists(self) -> bool:
+        return Path(self._get_load_path()).exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "version": self._version}

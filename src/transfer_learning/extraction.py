@@ -294,7 +294,7 @@ def _stream_features(
             total=len(locations),
             unit="img",
             desc=f"features {backbone.name}@{backbone.preprocessing.image_size}px",
-            disable=not settings.progress,
+            disable=None if settings.progress else True,  # None: only on a terminal
             mininterval=2.0,
         ) as progress,
     ):

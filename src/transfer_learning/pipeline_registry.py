@@ -11,23 +11,32 @@ from __future__ import annotations
 from kedro.pipeline import Pipeline
 
 from transfer_learning.pipelines import (
+    comparison,
     data_ingestion,
     evaluation,
     feature_extraction,
     feature_transfer,
+    parameter_transfer,
+    structure_transfer,
 )
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     ingestion = data_ingestion.create_pipeline()
     extraction = ingestion + feature_extraction.create_pipeline()
+    strategies = {
+        "feature_transfer": extraction + feature_transfer.create_pipeline(),
+        "parameter_transfer": ingestion + parameter_transfer.create_pipeline(),
+        "structure_transfer": ingestion + structure_transfer.create_pipeline(),
+    }
     pipelines = {
         "data_ingestion": ingestion,
         "feature_extraction": extraction,
-        "feature_transfer": extraction
-        + feature_transfer.create_pipeline()
-        + evaluation.evaluation_for("feature_transfer"),
+        **{name: p + evaluation.evaluation_for(name) for name, p in strategies.items()},
         "evaluation": evaluation.create_pipeline(),
+        "comparison": comparison.create_pipeline(),
     }
-    pipelines["__default__"] = pipelines["feature_transfer"]
+    pipelines["__default__"] = (
+        sum((pipelines[name] for name in strategies), Pipeline([])) + pipelines["comparison"]
+    )
     return pipelines
