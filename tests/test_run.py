@@ -94,6 +94,11 @@ def test_default_run_is_one_mlflow_run_with_params_metrics_and_artefacts(default
     assert run.data.metrics["data.n_test"] == 360
     assert run.data.metrics["feature_transfer.accuracy"] > 0.8
     assert run.data.metrics["extraction.images_per_second"] > 0
+    assert run.data.params["structure_transfer.finetune.init"] == "random"
+    history = client.get_metric_history(run.info.run_id, "parameter_transfer.val_accuracy")
+    assert [point.step for point in history] == list(range(1, len(history) + 1)) and len(
+        history
+    ) > 1
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     artefacts = {a.path for a in client.list_artifacts(run.info.run_id, "feature_transfer")}
     assert "feature_transfer/feature_transfer_metrics.json" in artefacts
@@ -127,3 +132,18 @@ def test_bad_parameter_fails_with_a_clear_message_and_keeps_earlier_artefacts(de
     assert (
         sorted((project / "data" / "02_intermediate" / "image_index.parquet").iterdir()) == before
     )
+
+
+def test_default_run_compares_all_three_strategies(default_run):
+    project, _ = default_run
+    reports = project / "data" / "08_reporting"
+    for strategy in ("feature_transfer", "parameter_transfer", "structure_transfer"):
+        metrics = json.loads((reports / f"{strategy}_metrics.json").read_text())
+        assert metrics["strategy"] == strategy and metrics["n_test"] == 360
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece", "fit_seconds"):
+            assert key in metrics
+    comparison = (reports / "comparison.md").read_text()
+    for strategy in ("feature_transfer", "parameter_transfer", "structure_transfer"):
+        assert f"| {strategy} |" in comparison
+    assert (reports / "comparison.png").stat().st_size > 0
+    assert list((project / "data" / "06_models" / "parameter_transfer" / "model.pt").glob("*/model.pt"))

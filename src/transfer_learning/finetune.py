@@ -158,7 +158,7 @@ def train_classifier(
     model = model.to(device).to(memory_format=torch.channels_last)
     normalise = Normaliser(backbone.preprocessing).to(device)
     train_locations, val_locations = locations
-    train_labels, val_labels = (torch.as_tensor(np.asarray(y), dtype=torch.long) for y in labels)
+    train_labels, val_labels = (torch.tensor(np.asarray(y), dtype=torch.long) for y in labels)
     # On CPU a training step is ~30x the cost of decoding its images, so decoding in the main
     # process wastes little and saves a worker start per epoch; GPUs need the workers.
     workers = (
@@ -470,7 +470,8 @@ def predict_probabilities(
     )
     normalise = Normaliser(backbone.preprocessing).to(device)
     logits = predict_logits(model, loader, normalise, device, autocast_dtype(device))
-    return torch.softmax(logits, dim=1).numpy().astype(np.float64)
+    probabilities = torch.softmax(logits.double(), dim=1).numpy()
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------

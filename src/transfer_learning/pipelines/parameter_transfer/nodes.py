@@ -81,6 +81,7 @@ def train_model(
         "strategy": strategy,
         "init": settings.init,
         "finetune_strategy": settings.strategy,
+        "image_size": checkpoint["image_size"],
         "fit_seconds": result.fit_seconds,
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy,
