@@ -5,6 +5,8 @@
 (a) project: transfer_learning.extraction.extract_features (cache off), end to end from files;
 (b) naive:   torchvision ImageFolder + PIL transforms, DataLoader(num_workers=2), fp32 NCHW, batch 64;
 (c) bound:   forward passes of the same network on random tensors already in memory, best layout.
+This machine's speed drifts by ±15 % from minute to minute (a shared VM), so project and bound run
+interleaved for --rounds rounds and the medians are compared.
 The last line reads: project: X img/s | naive: Y img/s | bound: Z img/s | project/bound: R | project/naive: Q
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -108,6 +111,7 @@ def main() -> None:
         help="project batch (default: 64 on CPU, 512 on GPU)",
     )
     parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -128,12 +132,14 @@ def main() -> None:
     )
 
     project(backbone, files[: min(len(files), 4 * batch_size)], batch_size, device)  # warm-up
-    project_rate = project(backbone, files, batch_size, device)
-    print(f"project: {project_rate:.0f} img/s (batch {batch_size})")
+    project_rates, bound_rates = [], []
+    for round_ in range(args.rounds):
+        project_rates.append(project(backbone, files, batch_size, device))
+        bound_rates.append(bound(backbone, batch_size, device))
+        print(f"round {round_ + 1}: project {project_rates[-1]:.0f} img/s, bound {bound_rates[-1]:.0f} img/s")
     naive_rate = naive(backbone, folder, positions, device)
     print(f"naive: {naive_rate:.0f} img/s")
-    bound_rate = bound(backbone, batch_size, device)
-    print(f"bound: {bound_rate:.0f} img/s (batch {batch_size})")
+    project_rate, bound_rate = statistics.median(project_rates), statistics.median(bound_rates)
     print(
         f"project: {project_rate:.0f} img/s | naive: {naive_rate:.0f} img/s | bound: {bound_rate:.0f} img/s"
         f" | project/bound: {project_rate / bound_rate:.2f} | project/naive: {project_rate / naive_rate:.2f}"

@@ -117,11 +117,13 @@ class EvalCollate:
         self.transform = EvalTransform(preprocessing)
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        size = self.transform.size
-        batch = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for position, image in enumerate(images):
             by_shape.setdefault(tuple(image.shape), []).append(position)
+        if len(by_shape) == 1:
+            return self.transform(torch.stack(images))
+        size = self.transform.size
+        batch = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
         for positions in by_shape.values():
             batch[positions] = self.transform(torch.stack([images[p] for p in positions]))
         return batch
@@ -163,7 +165,10 @@ def _worker_init(_: int) -> None:
     # Workers only decode: one thread each, and a lower priority so that on a machine with few
     # cores they fill the gaps the forward pass leaves instead of pre-empting it.
     torch.set_num_threads(1)
-    os.nice(10)
+    if hasattr(os, "sched_setscheduler"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(19)
 
 
 def image_loader(

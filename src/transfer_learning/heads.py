@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import time
@@ -134,20 +135,27 @@ def select_and_fit(
         {f"classifier__{k}": v for k, v in point.items()}
         for point in ParameterGrid(settings.default_grid())
     ]
+    # Estimators that support it walk the grid warm-started from the previous point, as
+    # LogisticRegressionCV does along its C path: several times faster on large feature sets.
+    warm = "warm_start" in template["classifier"].get_params()
+    if warm:
+        template.set_params(classifier__warm_start=True)
+        grid.sort(key=lambda point: [str(v) if not isinstance(v, int | float) else v for v in point.values()])
     search = []
     best: tuple[float, dict[str, Any], Pipeline] | None = None
+    candidate = clone(template)
     for point in grid or [{}]:
-        candidate = clone(template).set_params(**point)
+        candidate = (candidate if warm else clone(template)).set_params(**point)
         candidate.fit(*train)
         accuracy = float(accuracy_score(val[1], candidate.predict(val[0])))
         shown = {k.removeprefix("classifier__"): v for k, v in point.items()}
         search.append({**shown, "val_accuracy": accuracy})
         logger.info("head %s %s: val accuracy %.4f", settings.type, shown, accuracy)
         if best is None or accuracy > best[0]:
-            best = (accuracy, point, candidate)
+            best = (accuracy, point, copy.deepcopy(candidate))
     accuracy, point, model = best
     if settings.refit_on_train_val:
-        model = clone(template).set_params(**point)
+        # Warm-started from the chosen fit where supported; the scaler is refitted too.
         model.fit(np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
     return FittedHead(
         model=model,
