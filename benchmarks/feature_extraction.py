@@ -136,7 +136,9 @@ def main() -> None:
     for round_ in range(args.rounds):
         project_rates.append(project(backbone, files, batch_size, device))
         bound_rates.append(bound(backbone, batch_size, device))
-        print(f"round {round_ + 1}: project {project_rates[-1]:.0f} img/s, bound {bound_rates[-1]:.0f} img/s")
+        print(
+            f"round {round_ + 1}: project {project_rates[-1]:.0f} img/s, bound {bound_rates[-1]:.0f} img/s"
+        )
     naive_rate = naive(backbone, folder, positions, device)
     print(f"naive: {naive_rate:.0f} img/s")
     project_rate, bound_rate = statistics.median(project_rates), statistics.median(bound_rates)

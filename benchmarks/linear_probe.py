@@ -14,13 +14,19 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.extraction import ExtractionSettings, configure_cpu_threads, extract_features, resolve_device
+from transfer_learning.extraction import (
+    ExtractionSettings,
+    configure_cpu_threads,
+    extract_features,
+    resolve_device,
+)
 from transfer_learning.heads import HeadSettings, select_and_fit
 from transfer_learning.image_index import DataSettings, build_image_index
 
@@ -36,9 +42,18 @@ def split(index, per_class: int):
     return train, val, test
 
 
+def rows_of(part, features: np.ndarray, row_of: dict[str, int]):
+    """(features, labels) of the index rows in `part`."""
+    return features[[row_of[location] for location in part["location"]]], part["label"].to_numpy()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--data", required=True, help="the CIFAR-10 image folder with train/ and test/")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--data", required=True, help="the CIFAR-10 image folder with train/ and test/"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--per-class", type=int, nargs="+", default=[10, 100, 1000, 4900])
     parser.add_argument("--device", default="auto")
@@ -48,9 +63,13 @@ def main() -> None:
     device = resolve_device(args.device)
     if device.type == "cpu":
         configure_cpu_threads()
-    index, classes, _ = build_image_index(DataSettings(source="imagefolder", path=args.data), seed=0)
+    index, classes, _ = build_image_index(
+        DataSettings(source="imagefolder", path=args.data), seed=0
+    )
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.machine()
-    print(f"{len(index)} images, {len(classes)} classes; device {device} ({card}), {torch.get_num_threads()} threads")
+    print(
+        f"{len(index)} images, {len(classes)} classes; device {device} ({card}), {torch.get_num_threads()} threads"
+    )
     rows = []
     for size in args.sizes:
         backbone = build_backbone(BackboneSettings(image_size=size))
@@ -60,16 +79,17 @@ def main() -> None:
             for part in (train, val, test):
                 needed.update(dict.fromkeys(part["location"]))
         locations = sorted(needed)
-        settings = ExtractionSettings(batch_size=64 if device.type == "cpu" else 512, cache_dir=args.cache_dir)
+        settings = ExtractionSettings(
+            batch_size=64 if device.type == "cpu" else 512, cache_dir=args.cache_dir
+        )
         extracted = extract_features(backbone, locations, settings, device)
         rate = len(locations) / extracted.seconds if extracted.seconds else float("nan")
-        print(f"{size}px: features for {len(locations)} images in {extracted.seconds:.0f} s ({rate:.0f} img/s){' (cached)' if extracted.cached else ''}")
+        print(
+            f"{size}px: features for {len(locations)} images in {extracted.seconds:.0f} s ({rate:.0f} img/s){' (cached)' if extracted.cached else ''}"
+        )
         row_of = {location: row for row, location in enumerate(locations)}
         features = np.asarray(extracted.features)
-
-        def arrays(part):
-            rows_ = [row_of[location] for location in part["location"]]
-            return features[rows_], part["label"].to_numpy()
+        arrays = partial(rows_of, features=features, row_of=row_of)
 
         for per_class in args.per_class:
             train, val, test = split(index, per_class)
@@ -78,7 +98,9 @@ def main() -> None:
             fit_seconds = time.perf_counter() - start
             test_x, test_y = arrays(test)
             accuracy = float((fitted.model.predict(test_x) == test_y).mean())
-            rows.append((size, per_class, len(train), accuracy, fitted.best_params.get("C"), fit_seconds))
+            rows.append(
+                (size, per_class, len(train), accuracy, fitted.best_params.get("C"), fit_seconds)
+            )
             print(
                 f"{size}px, {per_class}/class ({len(train)} train, {len(val)} val, {len(test)} test): "
                 f"test accuracy {accuracy:.4f}, C={fitted.best_params.get('C')}, fit {fit_seconds:.1f} s"

@@ -146,4 +146,181 @@ def test_default_run_compares_all_three_strategies(default_run):
     for strategy in ("feature_transfer", "parameter_transfer", "structure_transfer"):
         assert f"| {strategy} |" in comparison
     assert (reports / "comparison.png").stat().st_size > 0
-    assert list((project / "data" / "06_models" / "parameter_transfer" / "model.pt").glob("*/model.pt"))
+    assert list(
+        (project / "data" / "06_models" / "parameter_transfer" / "model.pt").glob("*/model.pt")
+    )
+
+
+def offline_env() -> dict[str, str]:
+    # This machine has no route to the internet anyway; the proxy makes that fail fast everywhere.
+    return {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "NO_PROXY": ""}
+
+
+def test_seed_environment_offline_stops_at_once_with_the_alternatives(tmp_path, monkeypatch):
+    for key, value in offline_env().items():
+        monkeypatch.setenv(key, value)
+    project = copy_project(tmp_path)
+    completed = kedro(project, "--env=seed", "--pipelines=data_ingestion")
+    assert completed.returncode != 0
+    message = " ".join((completed.stdout + completed.stderr).split())
+    assert "Could not download torchvision dataset CIFAR10" in message
+    assert "data.source=imagefolder" in message and "data.source=digits" in message
+
+
+def test_seed_environment_runs_offline_from_local_images_and_weights(
+    tmp_path, monkeypatch, make_image_folder
+):
+    from torchvision.models import resnet18
+
+    for key, value in offline_env().items():
+        monkeypatch.setenv(key, value)
+    images = make_image_folder({"cat": 12, "dog": 12}, splits=("train", "test"), suffix=".jpg")
+    weights = tmp_path / "resnet18.pth"
+    import torch
+
+    torch.save(resnet18().state_dict(), weights)
+    project = copy_project(tmp_path / "project")
+    params = ",".join(
+        [
+            "data.source=imagefolder",
+            f"data.path={images}",
+            f"backbone.weights_path={weights}",
+            "backbone.image_size=32",
+            "finetune.image_size=32",
+            "finetune.epochs=1",
+            "finetune.batch_size=8",
+            "structure_transfer.finetune.epochs=1",
+        ]
+    )
+    completed = kedro(project, "--env=seed", f"--params={params}")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    comparison = (project / "data" / "08_reporting" / "comparison.md").read_text()
+    assert "| parameter_transfer |" in comparison and "| structure_transfer |" in comparison
+
+
+def digit_images(folder: Path, count: int = 6) -> list[tuple[Path, str]]:
+    """Real handwritten digits from scikit-learn, written as PNG files of another size."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    written = []
+    for i in range(count):
+        path = folder / "nested" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8)).resize(
+            (24, 24)
+        ).save(path)
+        written.append((path, str(digits.target[i])))
+    return written
+
+
+def test_predict_labels_a_folder_and_lists_unreadable_files(default_run, tmp_path):
+    import pandas as pd
+
+    project, _ = default_run
+    images = digit_images(tmp_path / "new")
+    (tmp_path / "new" / "broken.jpg").write_bytes(b"not a jpeg")
+    completed = kedro(
+        project,
+        "--pipelines=predict",
+        f"--params=predict.path={tmp_path / 'new'},predict.strategy=parameter_transfer",
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    predictions = pd.read_csv(
+        project / "data" / "07_model_output" / "predictions.csv", keep_default_na=False
+    )
+    assert len(predictions) == len(images) + 1
+    broken = predictions[predictions["path"].str.endswith("broken.jpg")].iloc[0]
+    assert "cannot identify image file" in broken["error"] and broken["predicted_class"] == ""
+    labelled = predictions[predictions["error"] == ""].set_index("path")
+    assert [f"probability_{d}" for d in range(10)] == [
+        c for c in predictions.columns if c.startswith("probability_")
+    ]
+    correct = sum(
+        str(labelled.loc[str(path), "predicted_class"]) == label for path, label in images
+    )
+    assert correct >= len(images) - 1
+
+
+def test_registered_models_predict_in_a_fresh_process(default_run, tmp_path):
+    project, _ = default_run
+    images = digit_images(tmp_path)
+    script = f"""
+import base64, json, mlflow, pandas as pd
+mlflow.set_tracking_uri("sqlite:///{project / "mlflow.db"}")
+paths = {[str(p) for p, _ in images]!r}
+out = {{}}
+for strategy in ("feature_transfer", "parameter_transfer", "structure_transfer"):
+    model = mlflow.pyfunc.load_model(f"models:/transfer_learning_{{strategy}}/1")
+    by_path = model.predict(pd.DataFrame({{"path": paths}}))
+    by_bytes = model.predict(pd.DataFrame({{"image": [base64.b64encode(open(p, "rb").read()).decode() for p in paths]}}))
+    assert (by_path["predicted_class"] == by_bytes["predicted_class"]).all()
+    out[strategy] = by_path["predicted_class"].tolist()
+print(json.dumps(out))
+"""
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    predicted = json.loads(completed.stdout.strip().splitlines()[-1])
+    truth = [label for _, label in images]
+    for strategy, labels in predicted.items():
+        assert sum(a == b for a, b in zip(labels, truth, strict=True)) >= len(truth) - 1, strategy
+
+
+def test_viz_build_shows_every_pipeline_in_layers(default_run):
+    project, _ = default_run
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "kedro", "viz", "build"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    graph = json.loads((project / "build" / "api" / "main").read_text())
+    pipelines = {p["id"] for p in graph["pipelines"]}
+    assert {
+        "data_ingestion",
+        "feature_extraction",
+        "feature_transfer",
+        "parameter_transfer",
+        "structure_transfer",
+        "evaluation",
+        "predict",
+    } <= pipelines
+    assert set(graph["layers"]) == {
+        "raw",
+        "intermediate",
+        "feature",
+        "model_input",
+        "models",
+        "model_output",
+        "reporting",
+    }
+    layer_of = {n["name"]: n.get("layer") for n in graph["nodes"] if n["type"] == "data"}
+    assert (
+        layer_of["image_features"] == "feature"
+        and layer_of["parameter_transfer.metrics"] == "reporting"
+    )
+
+
+def test_notebook_runs_top_to_bottom(default_run):
+    import nbformat
+    from nbclient import NotebookClient
+
+    project, _ = default_run
+    notebook = nbformat.read(PROJECT_ROOT / "notebooks" / "compare_strategies.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(project)}}
+    ).execute()
+    outputs = [
+        o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+    ]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 6  # three confusion matrices, three reliability diagrams

@@ -33,8 +33,14 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 class ArraysDataset(AbstractVersionedDataset[dict[str, np.ndarray], dict[str, np.ndarray]]):
     """A dict of named numpy arrays in one versioned, atomically written .npz file."""
 
-    def __init__(self, filepath: str, version: Version | None = None) -> None:
+    def __init__(
+        self,
+        filepath: str,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(PurePosixPath(filepath), version)
+        self.metadata = metadata  # e.g. the kedro-viz layer
 
     def load(self) -> dict[str, np.ndarray]:
         return load_arrays(Path(self._get_load_path()))
@@ -55,8 +61,14 @@ class TorchCheckpointDataset(AbstractVersionedDataset[dict[str, Any], dict[str, 
     Loaded with ``torch.load(weights_only=True)``: a checkpoint file can never run code on load.
     """
 
-    def __init__(self, filepath: str, version: Version | None = None) -> None:
+    def __init__(
+        self,
+        filepath: str,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(PurePosixPath(filepath), version)
+        self.metadata = metadata  # e.g. the kedro-viz layer
 
     def load(self) -> dict[str, Any]:
         import torch

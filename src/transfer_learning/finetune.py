@@ -226,6 +226,7 @@ def train_classifier(
             generator=generator,
             drop_last=True,
         )
+        epoch_start = time.perf_counter()
         train_loss = _train_one_epoch(
             forward,
             loader,
@@ -238,6 +239,7 @@ def train_classifier(
             device,
             dtype,
         )
+        train_seconds = time.perf_counter() - epoch_start
         trained_images += steps_per_epoch * settings.batch_size
         val_loss, val_accuracy = _validate(
             forward, val_loader, normalise, val_labels, criterion, device, dtype
@@ -248,6 +250,7 @@ def train_classifier(
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
             "lr": optimizer.param_groups[-1]["lr"],
+            "train_images_per_second": steps_per_epoch * settings.batch_size / train_seconds,
         }
         state["history"].append(record)
         logger.info(

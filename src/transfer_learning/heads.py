@@ -46,7 +46,7 @@ def _knn(seed: int, class_weight: str | None, **params: Any) -> ClassifierMixin:
 
 
 _HEADS = {
-    "logistic_regression": (_logistic_regression, {"C": [1e-3, 1e-2, 1e-1, 1.0, 1e1]}),
+    "logistic_regression": (_logistic_regression, {"C": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}),
     "linear_svm": (_linear_svm, {"estimator__C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}),
     "knn": (_knn, {"n_neighbors": [1, 5, 10, 20, 50], "weights": ["distance"]}),
 }
@@ -140,7 +140,11 @@ def select_and_fit(
     warm = "warm_start" in template["classifier"].get_params()
     if warm:
         template.set_params(classifier__warm_start=True)
-        grid.sort(key=lambda point: [str(v) if not isinstance(v, int | float) else v for v in point.values()])
+        grid.sort(
+            key=lambda point: [
+                str(v) if not isinstance(v, int | float) else v for v in point.values()
+            ]
+        )
     search = []
     best: tuple[float, dict[str, Any], Pipeline] | None = None
     candidate = clone(template)

@@ -17,6 +17,7 @@ from transfer_learning.pipelines import (
     feature_extraction,
     feature_transfer,
     parameter_transfer,
+    predict,
     structure_transfer,
 )
 
@@ -35,6 +36,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         **{name: p + evaluation.evaluation_for(name) for name, p in strategies.items()},
         "evaluation": evaluation.create_pipeline(),
         "comparison": comparison.create_pipeline(),
+        "predict": predict.create_pipeline(),
     }
     pipelines["__default__"] = (
         sum((pipelines[name] for name in strategies), Pipeline([])) + pipelines["comparison"]

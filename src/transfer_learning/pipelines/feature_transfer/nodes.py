@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.evaluation import align_probabilities
 from transfer_learning.heads import HeadSettings, select_and_fit
+from transfer_learning.serving import ImageClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -92,3 +94,24 @@ def predict_test_split(
         "probabilities": probabilities,
         "location": test_features["location"],
     }
+
+
+def package_image_model(
+    head_model: Pipeline, class_names: dict[str, list[str]], backbone: dict[str, Any]
+) -> tuple[ImageClassifier, ImageClassifier]:
+    """The deployable images → probabilities model: backbone weights, preprocessing and head.
+
+    Returned twice: the versioned local copy (read by the predict pipeline) and the copy logged
+    and registered in MLflow.
+    """
+    settings = BackboneSettings.from_params(backbone)
+    features = build_backbone(settings)
+    model = ImageClassifier(
+        strategy="feature_transfer",
+        classes=class_names["classes"],
+        backbone_name=features.name,
+        image_size=features.preprocessing.image_size,
+        network_state=features.features.state_dict(),
+        head=head_model,
+    )
+    return model, model

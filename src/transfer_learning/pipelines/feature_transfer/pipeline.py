@@ -6,7 +6,7 @@ shared evaluation reads `feature_transfer.test_predictions` and `feature_transfe
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import fit_head, predict_test_split, split_features
+from .nodes import fit_head, package_image_model, predict_test_split, split_features
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -30,11 +30,17 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="test_predictions",
                 name="predict_test_split",
             ),
+            Node(
+                func=package_image_model,
+                inputs=["model", "class_names", "params:backbone"],
+                outputs=["image_model", "registered_image_model"],
+                name="package_image_model",
+            ),
         ]
     )
     return Pipeline(
         nodes,
         namespace="feature_transfer",
         inputs={"image_features", "class_names"},
-        parameters={"params:head", "params:seed"},
+        parameters={"params:head", "params:seed", "params:backbone"},
     )

@@ -17,6 +17,7 @@ from transfer_learning.finetune import (
     predict_probabilities,
     train_classifier,
 )
+from transfer_learning.serving import ImageClassifier
 from transfer_learning.tracking import MlflowMetrics
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def train_model(
     }
     history = {
         name: [{"value": float(row[name]), "step": int(row["epoch"])} for row in result.history]
-        for name in ("train_loss", "val_loss", "val_accuracy", "lr")
+        for name in ("train_loss", "val_loss", "val_accuracy", "lr", "train_images_per_second")
     }
     return checkpoint, model, summary, history
 
@@ -126,3 +127,17 @@ def predict_test_split(
         "probabilities": probabilities,
         "location": test_index["location"].to_numpy(str),
     }
+
+
+def package_image_model(
+    model_checkpoint: dict[str, Any], class_names: dict[str, list[str]], strategy: str
+) -> tuple[ImageClassifier, ImageClassifier]:
+    """The deployable images → probabilities model (returned for the local and MLflow copies)."""
+    model = ImageClassifier(
+        strategy=strategy,
+        classes=class_names["classes"],
+        backbone_name=model_checkpoint["backbone_name"],
+        image_size=model_checkpoint["image_size"],
+        network_state=model_checkpoint["state_dict"],
+    )
+    return model, model

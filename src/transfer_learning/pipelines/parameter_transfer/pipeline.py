@@ -4,7 +4,7 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import predict_test_split, split_index, train_model
+from .nodes import package_image_model, predict_test_split, split_index, train_model
 
 
 def finetuning_pipeline(strategy: str) -> Pipeline:
@@ -14,6 +14,7 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
     backbone, seed and device are shared with the other pipelines.
     """
     train = update_wrapper(partial(train_model, strategy=strategy), train_model)
+    package = update_wrapper(partial(package_image_model, strategy=strategy), package_image_model)
     nodes = Pipeline(
         [
             Node(
@@ -42,6 +43,12 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
                 inputs=["model", "test_index", "params:device"],
                 outputs="test_predictions",
                 name="predict_test_split",
+            ),
+            Node(
+                func=package,
+                inputs=["model", "class_names"],
+                outputs=["image_model", "registered_image_model"],
+                name="package_image_model",
             ),
         ]
     )
