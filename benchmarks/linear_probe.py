@@ -5,7 +5,7 @@
 Train images are the first N per class of train/ (sorted file names); val is the last 100 per class
 of train/ (never used for training); test is the whole test/ folder (10,000 images), touched only
 for the final score. The head is the project's default (logistic regression, C chosen on val,
-refit on train+val). Features come from the project's extractor and its content-keyed cache, so a
+refit on train+val; --no-refit keeps the train-only fit). Features come from the project's extractor and its content-keyed cache, so a
 second run only refits heads. Prints one row per (size, N) and a markdown table at the end.
 """
 
@@ -58,6 +58,11 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, nargs="+", default=[10, 100, 1000, 4900])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache-dir", default="data/04_feature/cache")
+    parser.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="keep the head fitted on train only (the default head refits on train+val after choosing C)",
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -94,7 +99,8 @@ def main() -> None:
         for per_class in args.per_class:
             train, val, test = split(index, per_class)
             start = time.perf_counter()
-            fitted = select_and_fit(arrays(train), arrays(val), HeadSettings(), seed=0)
+            head = HeadSettings(refit_on_train_val=not args.no_refit)
+            fitted = select_and_fit(arrays(train), arrays(val), head, seed=0)
             fit_seconds = time.perf_counter() - start
             test_x, test_y = arrays(test)
             accuracy = float((fitted.model.predict(test_x) == test_y).mean())
