@@ -122,3 +122,25 @@ def test_offline_torchvision_download_names_the_alternatives(tmp_path, monkeypat
     assert "data.source=imagefolder" in str(error.value) and "data.source=digits" in str(
         error.value
     )
+
+
+@pytest.mark.slow
+def test_the_cifar10_jpeg_tree_indexes_with_its_splits(cifar10_tree):
+    frame, classes, skipped = index(source="imagefolder", path=str(cifar10_tree))
+    counts = frame["split"].value_counts()
+    assert counts["train"] + counts["val"] == 50_000 and counts["test"] == 10_000
+    assert counts["val"] == 10_000  # data.val_fraction=0.2 of train/
+    assert classes == [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    assert skipped.empty
+    assert (frame.groupby("class_name").size() == 6_000).all()

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from transfer_learning.config import check_known_keys
+
 logger = logging.getLogger(__name__)
 
 OFFLINE_CHOICES = (
@@ -54,13 +56,7 @@ class BackboneSettings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> BackboneSettings:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise BackboneError(
-                f"Unknown parameter(s) backbone.{', backbone.'.join(unknown)}; "
-                f"known: backbone.{', backbone.'.join(sorted(known))}."
-            )
+        check_known_keys(cls, params, "backbone", BackboneError)
         settings = cls(**params)
         if settings.image_size is not None and (
             not isinstance(settings.image_size, int) or settings.image_size < 16

@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from transfer_learning.backbones import Backbone, Preprocessing
+from transfer_learning.config import check_known_keys
 from transfer_learning.images import DIGITS_SCHEME, load_rgb_tensor
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,7 @@ class ExtractionSettings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExtractionSettings:
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ExtractionError(
-                f"Unknown parameter(s) extraction.{', extraction.'.join(unknown)}."
-            )
+        check_known_keys(cls, params, "extraction", ExtractionError)
         settings = cls(**params)
         if not isinstance(settings.batch_size, int) or settings.batch_size < 1:
             raise ExtractionError(f"extraction.batch_size={settings.batch_size!r} must be ≥ 1.")

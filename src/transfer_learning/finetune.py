@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,8 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from transfer_learning.backbones import Backbone, BackboneSettings, build_backbone
+from transfer_learning.config import check_known_keys
+from transfer_learning.datasets import write_atomically
 from transfer_learning.extraction import (
     EvalCollate,
     ImageDataset,
@@ -73,9 +74,7 @@ class FinetuneSettings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> FinetuneSettings:
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise TrainingError(f"Unknown parameter(s) finetune.{', finetune.'.join(unknown)}.")
+        check_known_keys(cls, params, "finetune", TrainingError)
         values = dict(params)
         if "crop_scale" in values:
             values["crop_scale"] = tuple(values["crop_scale"])
@@ -507,21 +506,16 @@ def _fingerprint(backbone_settings, settings, n_classes, seed, locations) -> str
 
 
 def _save_checkpoint(path: Path, fingerprint, epoch, model, optimizer, scheduler, state) -> None:
-    """Write the checkpoint beside its final name, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    torch.save(
-        {
-            "fingerprint": fingerprint,
-            "epoch": epoch,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": {k: v for k, v in state.items()},
-        },
-        partial,
-    )
-    os.replace(partial, path)
+    """Write the checkpoint atomically: a kill mid-write never leaves half a file."""
+    checkpoint = {
+        "fingerprint": fingerprint,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": dict(state),
+    }
+    write_atomically(path, lambda stream: torch.save(checkpoint, stream))
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:

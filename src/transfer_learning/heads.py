@@ -21,6 +21,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from transfer_learning.config import check_known_keys
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,9 +66,7 @@ class HeadSettings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> HeadSettings:
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise HeadError(f"Unknown parameter(s) head.{', head.'.join(unknown)}.")
+        check_known_keys(cls, params, "head", HeadError)
         settings = cls(**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in params.items()})
         if settings.class_weight not in (None, "balanced"):
             raise HeadError(

@@ -12,7 +12,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from transfer_learning.config import check_known_keys
 from transfer_learning.images import DIGITS_SCHEME, IMAGE_EXTENSIONS, unreadable_reason
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,7 @@ class DataSettings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> DataSettings:
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise DataSourceError(
-                f"Unknown parameter(s) data.{', data.'.join(unknown)}; known: data.{', data.'.join(sorted(known))}."
-            )
+        check_known_keys(cls, params, "data", DataSourceError)
         settings = cls(**params)
         settings.validate()
         return settings
