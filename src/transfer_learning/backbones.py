@@ -12,6 +12,7 @@ Adding a family is one builder function registered in ``_FAMILIES``.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -164,8 +165,6 @@ def _load_flat_state_dict(network: nn.Sequential, state: Mapping[str, torch.Tens
 
 def _split_timm(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
     classifier = model.get_classifier()
-    import copy
-
     head = copy.deepcopy(classifier) if isinstance(classifier, nn.Module) else nn.Identity()
     model.reset_classifier(0)
     return (

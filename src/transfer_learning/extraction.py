@@ -6,8 +6,11 @@ import hashlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -276,35 +279,76 @@ def _stream_features(
     settings: ExtractionSettings,
     device: torch.device,
 ):
-    if device.type == "cpu":
-        configure_cpu_threads()
     network = backbone.features.to(device).eval().to(memory_format=torch.channels_last)
     normalise = Normaliser(backbone.preprocessing).to(device)
-    loader = image_loader(
-        ImageDataset(locations, min_size=backbone.preprocessing.image_size),
-        settings.batch_size,
-        resolve_num_workers(settings.num_workers, device),
-        device,
-        collate_fn=EvalCollate(backbone.preprocessing),
-    )
-    dtype = autocast_dtype(device)
+    dataset = ImageDataset(locations, min_size=backbone.preprocessing.image_size)
+    collate = EvalCollate(backbone.preprocessing)
+    if device.type == "cpu" and settings.num_workers == "auto":
+        batches = _cpu_streams(network, normalise, dataset, collate, settings.batch_size)
+    else:
+        batches = _loader_batches(network, normalise, dataset, collate, settings, device)
     first = 0
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
-        tqdm(
-            total=len(locations),
-            unit="img",
-            desc=f"features {backbone.name}@{backbone.preprocessing.image_size}px",
-            disable=None if settings.progress else True,  # None: only on a terminal
-            mininterval=2.0,
-        ) as progress,
-    ):
-        for batch in loader:
-            output = network(normalise(batch)).float().cpu().numpy()
+    with tqdm(
+        total=len(locations),
+        unit="img",
+        desc=f"features {backbone.name}@{backbone.preprocessing.image_size}px",
+        disable=None if settings.progress else True,  # None: only on a terminal
+        mininterval=2.0,
+    ) as progress:
+        for output in batches:
             yield first, output
             first += len(output)
             progress.update(len(output))
+
+
+def _loader_batches(network, normalise, dataset, collate, settings, device):
+    """GPU (or explicit workers): worker processes decode while the device computes."""
+    if device.type == "cpu":
+        configure_cpu_threads()
+    loader = image_loader(
+        dataset,
+        settings.batch_size,
+        resolve_num_workers(settings.num_workers, device),
+        device,
+        collate_fn=collate,
+    )
+    dtype = autocast_dtype(device)
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+    ):
+        for batch in loader:
+            yield network(normalise(batch)).float().cpu().numpy()
+
+
+def _cpu_streams(network, normalise, dataset, collate, batch_size):
+    """CPU: one single-threaded decode → forward stream per core, results in order.
+
+    Measured on 2 cores: two independent single-threaded streams run the network ~1.6x faster
+    than one stream on two threads (no barrier after every operator), and each stream's
+    decoding overlaps the other's compute. Torch ops release the GIL, so threads suffice.
+    """
+    streams = configure_cpu_threads()
+    torch.set_num_threads(1)
+
+    def features_of(start: int) -> np.ndarray:
+        with torch.inference_mode():  # thread-local: entered in each stream
+            positions = range(start, min(start + batch_size, len(dataset)))
+            images = collate([dataset[p] for p in positions])
+            return network(normalise(images)).numpy()
+
+    try:
+        with ThreadPoolExecutor(max_workers=streams) as pool:
+            # Submitted a few batches ahead only, so memory stays bounded on huge indexes.
+            starts = iter(range(0, len(dataset), batch_size))
+            pending = deque(pool.submit(features_of, s) for s in islice(starts, 2 * streams))
+            while pending:
+                output = pending.popleft().result()
+                for start in islice(starts, 1):
+                    pending.append(pool.submit(features_of, start))
+                yield output
+    finally:
+        torch.set_num_threads(streams)
 
 
 def feature_cache_key(backbone: Backbone, locations: Sequence[str], device: torch.device) -> str:
