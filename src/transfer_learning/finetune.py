@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,6 @@ class TrainingResult:
     images_per_second: float
     resumed_from_epoch: int = 0
     stopped_early: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_classifier(
