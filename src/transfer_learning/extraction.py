@@ -69,17 +69,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers often narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
     if num_workers != "auto":
         return int(num_workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     # On CPU the network needs the cores; one worker decodes while the forward pass runs.
     return min(8, cores) if device.type == "cuda" else 1
 
 
 def configure_cpu_threads() -> int:
-    """Give torch's intra-op pool every core this process may use, and say so in the log."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """Give torch's intra-op pool every core this process may use; returns that number."""
+    cores = usable_cores()
     torch.set_num_threads(cores)
     return cores
 
