@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install run test lint benchmark clean
+.PHONY: install run test test-fast lint clean
 
 install: $(STAMP)
 
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/kedro run
 
+# Everything, as CI runs it (about 10 minutes on 2 cores).
 test: install
 	$(BIN)/python -m pytest
+
+# The inner loop: everything but the tests marked slow (under a minute on 2 cores).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff format --check src tests benchmarks

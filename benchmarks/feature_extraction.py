@@ -30,9 +30,9 @@ from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.extraction import (
     ExtractionSettings,
     autocast_dtype,
-    configure_cpu_threads,
     extract_features,
     resolve_device,
+    usable_cores,
 )
 
 
@@ -145,7 +145,7 @@ def main() -> None:
     device = resolve_device(args.device)
     batch_size = args.batch_size or (512 if device.type == "cuda" else 64)
     if device.type == "cpu":
-        configure_cpu_threads()
+        torch.set_num_threads(usable_cores())
     backbone = build_backbone(BackboneSettings(name=args.backbone, image_size=args.image_size))
     folder, positions = image_files(args.data, args.limit)
     files = [folder.samples[p][0] for p in positions]

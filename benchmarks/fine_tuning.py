@@ -20,23 +20,29 @@ import torch
 from torch import nn
 
 from transfer_learning.backbones import BackboneSettings
-from transfer_learning.extraction import configure_cpu_threads, resolve_device
-from transfer_learning.finetune import FinetuneSettings, build_classifier, train_classifier
+from transfer_learning.extraction import resolve_device, usable_cores
+from transfer_learning.finetune import (
+    FinetuneSettings,
+    Recipe,
+    TrainingRunSettings,
+    TrainValImages,
+    build_classifier,
+    train_classifier,
+)
 from transfer_learning.image_index import DataSettings, build_image_index
 
+# name: (pretrained weights?, finetune keys)
 STRATEGIES = {
-    "parameter_transfer (full)": {"init": "pretrained", "strategy": "full"},
-    "parameter_transfer (lp_ft)": {"init": "pretrained", "strategy": "lp_ft", "lp_epochs": 1},
-    "structure_transfer": {"init": "random", "strategy": "full", "lr": 0.003},
+    "parameter_transfer (full)": (True, {"mode": "full"}),
+    "parameter_transfer (lp_ft)": (True, {"mode": "lp_ft", "lp_epochs": 1}),
+    "structure_transfer": (False, {"mode": "full", "lr": 0.003}),
 }
 
 
 def bare_loop(
     image_size: int, batch_size: int, device: torch.device, seconds: float = 15.0
 ) -> float:
-    model, _ = build_classifier(
-        BackboneSettings(image_size=image_size), FinetuneSettings(), 10, seed=0
-    )
+    model, _ = build_classifier(BackboneSettings(image_size=image_size), 10, seed=0)
     model = model.to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
@@ -61,7 +67,7 @@ def bare_loop(
     return done / (time.perf_counter() - start)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -71,51 +77,54 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        configure_cpu_threads()
-    index, _, _ = build_image_index(DataSettings(source="imagefolder", path=args.data), seed=0)
+
+def train_val_images(data: str, per_class: int) -> TrainValImages:
+    index, _, _ = build_image_index(DataSettings(source="imagefolder", path=data), seed=0)
     pool = index[index["location"].str.contains("/train/")].sort_values("location")
     val = pool.groupby("label", group_keys=False).tail(50)
-    train = pool.drop(val.index).groupby("label", group_keys=False).head(args.per_class)
+    train = pool.drop(val.index).groupby("label", group_keys=False).head(per_class)
+    return TrainValImages(
+        train["location"].tolist(),
+        train["label"].to_numpy(),
+        val["location"].tolist(),
+        val["label"].to_numpy(),
+    )
+
+
+def train_strategy(name: str, images: TrainValImages, args, device) -> float:
+    """Train one strategy; print its val accuracy per epoch; return its training img/s."""
+    pretrained, keys = STRATEGIES[name]
+    finetune = {"epochs": args.epochs, "batch_size": args.batch_size, "patience": None}
+    recipe = Recipe(
+        BackboneSettings(image_size=args.image_size, pretrained=pretrained),
+        FinetuneSettings(**{**finetune, "hflip": True, **keys}),
+    )
+    run = TrainingRunSettings(checkpoint_dir="data/06_models/checkpoints/benchmark", progress=False)
+    result = train_classifier(images, 10, recipe, run, 0, device, "benchmark")
+    per_epoch = ", ".join(f"{row['val_accuracy']:.3f}" for row in result.history)
+    rows = result.history
+    trained = sum(row["train_images_per_second"] for row in rows) / len(rows)
+    print(
+        f"{name}: val accuracy per epoch [{per_epoch}], training {trained:.0f} img/s, {result.fit_seconds:.0f} s in all"
+    )
+    return trained
+
+
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(usable_cores())
+    images = train_val_images(args.data, args.per_class)
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.machine()
     print(
-        f"{len(train)} train, {len(val)} val images at {args.image_size}px, batch {args.batch_size}, "
-        f"device {device} ({card}), {torch.get_num_threads()} threads"
+        f"{len(images.train_locations)} train, {len(images.val_locations)} val images at "
+        f"{args.image_size}px, batch {args.batch_size}, device {device} ({card}), "
+        f"{torch.get_num_threads()} threads"
     )
-    rates = {}
-    for name, overrides in STRATEGIES.items():
-        settings = FinetuneSettings(
-            **{
-                "epochs": args.epochs,
-                "batch_size": args.batch_size,
-                "patience": None,
-                "progress": False,
-                "hflip": True,
-                "checkpoint_dir": "data/06_models/checkpoints/benchmark",
-                **overrides,
-            }
-        )
-        result = train_classifier(
-            (train["location"].tolist(), val["location"].tolist()),
-            (train["label"].to_numpy(), val["label"].to_numpy()),
-            10,
-            BackboneSettings(image_size=args.image_size),
-            settings,
-            0,
-            device,
-            "benchmark",
-        )
-        per_epoch = ", ".join(f"{row['val_accuracy']:.3f}" for row in result.history)
-        trained = sum(row["train_images_per_second"] for row in result.history) / len(
-            result.history
-        )
-        rates[name] = trained
-        print(
-            f"{name}: val accuracy per epoch [{per_epoch}], training {trained:.0f} img/s, {result.fit_seconds:.0f} s in all"
-        )
+    rates = {name: train_strategy(name, images, args, device) for name in STRATEGIES}
     bare = bare_loop(args.image_size, args.batch_size, device)
     project = rates["parameter_transfer (full)"]
     print(f"bare loop: {bare:.0f} img/s")

@@ -23,9 +23,9 @@ import torch
 from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.extraction import (
     ExtractionSettings,
-    configure_cpu_threads,
     extract_features,
     resolve_device,
+    usable_cores,
 )
 from transfer_learning.heads import HeadSettings, select_and_fit
 from transfer_learning.image_index import DataSettings, build_image_index
@@ -47,7 +47,7 @@ def rows_of(part, features: np.ndarray, row_of: dict[str, int]):
     return features[[row_of[location] for location in part["location"]]], part["label"].to_numpy()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -63,11 +63,50 @@ def main() -> None:
         action="store_true",
         help="keep the head fitted on train only (the default head refits on train+val after choosing C)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def features_for(index, size: int, args, device):
+    """Features of every image any row needs at `size` px, and a (part → arrays) function."""
+    backbone = build_backbone(BackboneSettings(image_size=size))
+    needed = {}
+    for per_class in args.per_class:
+        for part in split(index, per_class):
+            needed.update(dict.fromkeys(part["location"]))
+    locations = sorted(needed)
+    settings = ExtractionSettings(
+        batch_size=64 if device.type == "cpu" else 512, cache_dir=args.cache_dir
+    )
+    extracted = extract_features(backbone, locations, settings, device)
+    rate = len(locations) / extracted.seconds if extracted.seconds else float("nan")
+    print(
+        f"{size}px: features for {len(locations)} images in {extracted.seconds:.0f} s ({rate:.0f} img/s){' (cached)' if extracted.cached else ''}"
+    )
+    row_of = {location: row for row, location in enumerate(locations)}
+    return partial(rows_of, features=np.asarray(extracted.features), row_of=row_of)
+
+
+def score(index, size: int, per_class: int, arrays, refit: bool) -> tuple:
+    train, val, test = split(index, per_class)
+    start = time.perf_counter()
+    fitted = select_and_fit(
+        arrays(train), arrays(val), HeadSettings(refit_on_train_val=refit), seed=0
+    )
+    fit_seconds = time.perf_counter() - start
+    test_x, test_y = arrays(test)
+    accuracy = float((fitted.model.predict(test_x) == test_y).mean())
+    print(
+        f"{size}px, {per_class}/class ({len(train)} train, {len(val)} val, {len(test)} test): "
+        f"test accuracy {accuracy:.4f}, C={fitted.best_params.get('C')}, fit {fit_seconds:.1f} s"
+    )
+    return size, per_class, accuracy, fitted.best_params.get("C"), fit_seconds
+
+
+def main() -> None:
+    args = parse_args()
     device = resolve_device(args.device)
     if device.type == "cpu":
-        configure_cpu_threads()
+        torch.set_num_threads(usable_cores())
     index, classes, _ = build_image_index(
         DataSettings(source="imagefolder", path=args.data), seed=0
     )
@@ -77,43 +116,11 @@ def main() -> None:
     )
     rows = []
     for size in args.sizes:
-        backbone = build_backbone(BackboneSettings(image_size=size))
-        needed = {}
-        for per_class in args.per_class:
-            train, val, test = split(index, per_class)
-            for part in (train, val, test):
-                needed.update(dict.fromkeys(part["location"]))
-        locations = sorted(needed)
-        settings = ExtractionSettings(
-            batch_size=64 if device.type == "cpu" else 512, cache_dir=args.cache_dir
-        )
-        extracted = extract_features(backbone, locations, settings, device)
-        rate = len(locations) / extracted.seconds if extracted.seconds else float("nan")
-        print(
-            f"{size}px: features for {len(locations)} images in {extracted.seconds:.0f} s ({rate:.0f} img/s){' (cached)' if extracted.cached else ''}"
-        )
-        row_of = {location: row for row, location in enumerate(locations)}
-        features = np.asarray(extracted.features)
-        arrays = partial(rows_of, features=features, row_of=row_of)
-
-        for per_class in args.per_class:
-            train, val, test = split(index, per_class)
-            start = time.perf_counter()
-            head = HeadSettings(refit_on_train_val=not args.no_refit)
-            fitted = select_and_fit(arrays(train), arrays(val), head, seed=0)
-            fit_seconds = time.perf_counter() - start
-            test_x, test_y = arrays(test)
-            accuracy = float((fitted.model.predict(test_x) == test_y).mean())
-            rows.append(
-                (size, per_class, len(train), accuracy, fitted.best_params.get("C"), fit_seconds)
-            )
-            print(
-                f"{size}px, {per_class}/class ({len(train)} train, {len(val)} val, {len(test)} test): "
-                f"test accuracy {accuracy:.4f}, C={fitted.best_params.get('C')}, fit {fit_seconds:.1f} s"
-            )
+        arrays = features_for(index, size, args, device)
+        rows += [score(index, size, n, arrays, not args.no_refit) for n in args.per_class]
     print("\n| image size | train images / class | test accuracy | chosen C | head fit (s) |")
     print("|---:|---:|---:|---:|---:|")
-    for size, per_class, _, accuracy, c, seconds in rows:
+    for size, per_class, accuracy, c, seconds in rows:
         print(f"| {size} | {per_class} | {accuracy * 100:.1f} % | {c} | {seconds:.1f} |")
 
 

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from transfer_learning.backbones import BackboneSettings
+from transfer_learning.backbones import BackboneError, BackboneSettings, build_backbone
 from transfer_learning.finetune import (
     FinetuneSettings,
+    Recipe,
     TrainingError,
-    _layer_groups,
+    TrainingRunSettings,
+    TrainValImages,
     build_classifier,
+    parameter_groups,
     train_classifier,
 )
 from transfer_learning.image_index import DataSettings, build_image_index
@@ -26,32 +31,36 @@ from transfer_learning.image_index import DataSettings, build_image_index
 TINY = BackboneSettings(image_size=32)
 
 
-def digits(n_train: int = 96, n_val: int = 48):
+def digits(n_train: int = 96, n_val: int = 48) -> TrainValImages:
     index, _, _ = build_image_index(DataSettings(), seed=0)
     train = index[index["split"] == "train"].head(n_train)
     val = index[index["split"] == "val"].head(n_val)
-    return (train["location"].tolist(), val["location"].tolist()), (
+    return TrainValImages(
+        train["location"].tolist(),
         train["label"].to_numpy(),
+        val["location"].tolist(),
         val["label"].to_numpy(),
     )
 
 
-def settings(tmp_path: Path, **overrides) -> FinetuneSettings:
-    values = dict(
-        epochs=3,
-        batch_size=16,
-        progress=False,
-        hflip=False,
-        patience=None,
-        checkpoint_dir=str(tmp_path),
-    )
-    return FinetuneSettings(**{**values, **overrides})
+def recipe(backbone: BackboneSettings = TINY, **overrides) -> Recipe:
+    values = dict(epochs=3, batch_size=16, hflip=False, patience=None)
+    return Recipe(backbone, FinetuneSettings(**{**values, **overrides}))
 
 
-def train(tmp_path, name="run", **overrides):
-    locations, labels = digits()
+def run_settings(tmp_path: Path, resume: bool = False) -> TrainingRunSettings:
+    return TrainingRunSettings(resume=resume, checkpoint_dir=str(tmp_path), progress=False)
+
+
+def train(tmp_path, name="run", backbone=TINY, resume=False, **overrides):
     return train_classifier(
-        locations, labels, 10, TINY, settings(tmp_path, **overrides), 0, torch.device("cpu"), name
+        digits(),
+        10,
+        recipe(backbone, **overrides),
+        run_settings(tmp_path, resume),
+        0,
+        torch.device("cpu"),
+        name,
     )
 
 
@@ -72,9 +81,9 @@ def test_pretrained_weights_learn_and_history_is_kept(tmp_path):
 
 
 def test_linear_probe_freezes_backbone_and_batchnorm_statistics(tmp_path):
-    model, _ = build_classifier(TINY, FinetuneSettings(), 10, seed=0)
+    model, _ = build_classifier(TINY, 10, seed=0)
     before = {k: v.clone() for k, v in model.features.state_dict().items()}
-    result = train(tmp_path, strategy="linear_probe", epochs=1)
+    result = train(tmp_path, mode="linear_probe", epochs=1)
     after = {
         k[len("features.") :]: v for k, v in result.state_dict.items() if k.startswith("features.")
     }
@@ -83,17 +92,75 @@ def test_linear_probe_freezes_backbone_and_batchnorm_statistics(tmp_path):
     assert result.trainable_parameters == 1280 * 10 + 10
 
 
+def test_full_fine_tuning_moves_the_pretrained_backbone(tmp_path):
+    pretrained = build_backbone(TINY).features.state_dict()
+    result = train(tmp_path, epochs=1)
+    moved = [
+        key
+        for key, tensor in pretrained.items()
+        if tensor.is_floating_point()
+        and not torch.equal(tensor, result.state_dict[f"features.{key}"])
+    ]
+    convolutions = [k for k, t in pretrained.items() if t.ndim == 4]
+    assert set(convolutions) <= set(moved), "a convolution kept its pretrained weights"
+
+
+def test_random_initialisation_starts_far_from_the_pretrained_weights():
+    pretrained, _ = build_classifier(TINY, 10, seed=0)
+    random, _ = build_classifier(replace(TINY, pretrained=False), 10, seed=0)
+    again, _ = build_classifier(replace(TINY, pretrained=False), 10, seed=0)
+    for key, tensor in pretrained.features.state_dict().items():
+        if tensor.ndim == 4:  # every convolution kernel
+            other = random.features.state_dict()[key]
+            assert not torch.allclose(tensor, other), key
+            # Not a scaled or shifted copy either: the two are uncorrelated.
+            correlation = torch.corrcoef(torch.stack([tensor.flatten(), other.flatten()]))[0, 1]
+            assert abs(float(correlation)) < 0.2, key
+    # The random start is reproducible from the seed.
+    for key, tensor in random.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[key]), key
+
+
+def test_building_models_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_classifier(replace(TINY, pretrained=False), 10, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_training_restores_global_rng_and_thread_count(tmp_path):
+    torch.set_num_threads(1)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    train(tmp_path, epochs=1)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.get_num_threads() == 1
+
+
 def test_layer_decay_gives_earlier_layers_smaller_rates():
-    model, _ = build_classifier(TINY, FinetuneSettings(), 10, seed=0)
-    groups = _layer_groups(model, FinetuneSettings(lr=1.0, layer_decay=0.5), "all")
+    model, _ = build_classifier(TINY, 10, seed=0)
+    groups = parameter_groups(model, FinetuneSettings(lr=1.0, layer_decay=0.5), "all")
     rates = [group["lr"] for group in groups]
     assert rates[-1] == 1.0 and rates == sorted(rates) and rates[0] < 1e-3
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_no_weight_decay_on_biases_and_normalisation_weights():
+    model, _ = build_classifier(TINY, 10, seed=0)
+    groups = parameter_groups(model, FinetuneSettings(weight_decay=0.05), "all")
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, parameter in model.named_parameters():
+        expected = 0.0 if parameter.ndim == 1 else 0.05
+        assert decay_of[id(parameter)] == expected, name
+    # BatchNorm weights and biases and the head's bias are among the undecayed.
+    assert decay_of[id(model.head.bias)] == 0.0 and decay_of[id(model.head.weight)] == 0.05
+
+
 def test_non_finite_loss_names_epoch_step_and_learning_rate(tmp_path):
     with pytest.raises(
-        TrainingError, match=r"Non-finite loss .* at epoch 1, step \d+, learning rate"
+        TrainingError, match=r"Non-finite loss .* at run epoch 1/1, step \d+, learning rate"
     ):
         train(tmp_path, lr=1e12, grad_clip=None, epochs=1, optimizer="sgd", warmup_epochs=0)
 
@@ -101,7 +168,7 @@ def test_non_finite_loss_names_epoch_step_and_learning_rate(tmp_path):
 @pytest.mark.parametrize(
     "params,message",
     [
-        ({"strategy": "partial"}, "finetune.strategy='partial'"),
+        ({"mode": "partial"}, "finetune.mode='partial'"),
         ({"epochs": 0}, "finetune.epochs=0"),
         ({"learning_rate": 1}, "finetune.learning_rate"),
     ],
@@ -113,14 +180,13 @@ def test_bad_finetune_settings(params, message):
 
 RUNNER = textwrap.dedent(
     """
-    import json, sys, torch
+    import json, pathlib, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_finetune import digits, settings, TINY
+    from test_finetune import digits, recipe, run_settings
     from transfer_learning.finetune import train_classifier
-    locations, labels = digits()
     result = train_classifier(
-        locations, labels, 10, TINY,
-        settings(__import__("pathlib").Path({checkpoints!r}), epochs=4, resume={resume}),
+        digits(), 10, recipe(epochs=4),
+        run_settings(pathlib.Path({checkpoints!r}), resume={resume}),
         0, torch.device("cpu"), "killed",
     )
     torch.save(result.state_dict, {output!r})
@@ -141,12 +207,13 @@ def run_training(tmp_path: Path, resume: bool, output: Path) -> subprocess.Popen
     )
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
     reference = train_classifier(
-        *digits(),
+        digits(),
         10,
-        TINY,
-        settings(tmp_path / "reference", epochs=4),
+        recipe(epochs=4),
+        run_settings(tmp_path / "reference"),
         0,
         torch.device("cpu"),
         "killed",
@@ -182,3 +249,37 @@ def test_resuming_another_run_is_refused(tmp_path):
     train(tmp_path, "shared", epochs=1)
     with pytest.raises(TrainingError, match="written by a run with other data or settings"):
         train(tmp_path, "shared", epochs=1, lr=0.5, resume=True)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"finetune": {"epoch": 3}}, "Unknown parameter(s) structure_transfer.finetune.epoch"),
+        (
+            {"backbone": {"pretrain": False}},
+            "Unknown parameter(s) structure_transfer.backbone.pretrain",
+        ),
+        ({"finetun": {}}, "Unknown parameter(s) structure_transfer.finetun"),
+        ({"finetune": {"epochs": 0}}, "structure_transfer.finetune.epochs=0"),
+        ({"backbone": {"image_size": 4}}, "structure_transfer.backbone.image_size=4"),
+    ],
+)
+def test_strategy_overrides_are_checked_for_typos(overrides, message):
+    with pytest.raises((TrainingError, BackboneError), match=re.escape(message)):
+        Recipe.from_params({"name": "efficientnet_lite0"}, {}, overrides, "structure_transfer")
+
+
+def test_a_typo_in_the_shared_block_names_the_shared_block():
+    with pytest.raises(TrainingError, match=re.escape("Unknown parameter(s) finetune.lr_max")):
+        Recipe.from_params({}, {"lr_max": 1}, {}, "parameter_transfer")
+
+
+def test_strategy_overrides_win_over_the_shared_blocks():
+    resolved = Recipe.from_params(
+        {"image_size": 64},
+        {"lr": 0.1, "epochs": 3},
+        {"backbone": {"pretrained": False}, "finetune": {"lr": 0.5}},
+        "structure_transfer",
+    )
+    assert resolved.backbone == BackboneSettings(image_size=64, pretrained=False)
+    assert resolved.finetune.lr == 0.5 and resolved.finetune.epochs == 3

@@ -59,3 +59,14 @@ def test_bad_head_settings(params, message):
 def test_estimators_without_probabilities_are_refused():
     with pytest.raises(HeadError, match="has no predict_proba"):
         build_head(HeadSettings(type="sklearn.svm.LinearSVC"), seed=0)
+
+
+def test_an_ensemble_head_is_really_refitted_on_train_and_val(splits):
+    train, val, _ = splits
+    settings = HeadSettings(
+        type="sklearn.ensemble.RandomForestClassifier", params={"n_estimators": 5}
+    )
+    fitted = select_and_fit(train, val, settings, seed=0)
+    # A bootstrap draws as many rows as it is given: 450 from train+val, 300 from train alone.
+    root_weight = fitted.model[-1].estimators_[0].tree_.weighted_n_node_samples[0]
+    assert root_weight == len(train[1]) + len(val[1])

@@ -14,6 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import PROJECT_ROOT
+from transfer_learning.strategies import STRATEGY_NAMES
+
+# Every test here runs `kedro run` in a subprocess: minutes, not seconds.
+pytestmark = pytest.mark.slow
 
 
 def copy_project(target: Path) -> Path:
@@ -94,7 +98,8 @@ def test_default_run_is_one_mlflow_run_with_params_metrics_and_artefacts(default
     assert run.data.metrics["data.n_test"] == 360
     assert run.data.metrics["feature_transfer.accuracy"] > 0.8
     assert run.data.metrics["extraction.images_per_second"] > 0
-    assert run.data.params["structure_transfer.finetune.init"] == "random"
+    assert run.data.params["structure_transfer.backbone.pretrained"] == "False"
+    assert run.data.params["parameter_transfer.backbone.image_size"] == "32"
     history = client.get_metric_history(run.info.run_id, "parameter_transfer.val_accuracy")
     assert [point.step for point in history] == list(range(1, len(history) + 1)) and len(
         history
@@ -137,13 +142,13 @@ def test_bad_parameter_fails_with_a_clear_message_and_keeps_earlier_artefacts(de
 def test_default_run_compares_all_three_strategies(default_run):
     project, _ = default_run
     reports = project / "data" / "08_reporting"
-    for strategy in ("feature_transfer", "parameter_transfer", "structure_transfer"):
+    for strategy in STRATEGY_NAMES:
         metrics = json.loads((reports / f"{strategy}_metrics.json").read_text())
         assert metrics["strategy"] == strategy and metrics["n_test"] == 360
         for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece", "fit_seconds"):
             assert key in metrics
     comparison = (reports / "comparison.md").read_text()
-    for strategy in ("feature_transfer", "parameter_transfer", "structure_transfer"):
+    for strategy in STRATEGY_NAMES:
         assert f"| {strategy} |" in comparison
     assert (reports / "comparison.png").stat().st_size > 0
     assert list(
@@ -186,7 +191,8 @@ def test_seed_environment_runs_offline_from_local_images_and_weights(
             f"data.path={images}",
             f"backbone.weights_path={weights}",
             "backbone.image_size=32",
-            "finetune.image_size=32",
+            "parameter_transfer.backbone.image_size=32",
+            "structure_transfer.backbone.image_size=32",
             "finetune.epochs=1",
             "finetune.batch_size=8",
             "structure_transfer.finetune.epochs=1",
@@ -252,7 +258,7 @@ import base64, json, mlflow, pandas as pd
 mlflow.set_tracking_uri("sqlite:///{project / "mlflow.db"}")
 paths = {[str(p) for p, _ in images]!r}
 out = {{}}
-for strategy in ("feature_transfer", "parameter_transfer", "structure_transfer"):
+for strategy in {STRATEGY_NAMES!r}:
     model = mlflow.pyfunc.load_model(f"models:/transfer_learning_{{strategy}}/1")
     by_path = model.predict(pd.DataFrame({{"path": paths}}))
     by_bytes = model.predict(pd.DataFrame({{"image": [base64.b64encode(open(p, "rb").read()).decode() for p in paths]}}))
@@ -268,6 +274,33 @@ print(json.dumps(out))
     truth = [label for _, label in images]
     for strategy, labels in predicted.items():
         assert sum(a == b for a, b in zip(labels, truth, strict=True)) >= len(truth) - 1, strategy
+
+
+def test_metrics_describe_the_registered_model(default_run, tmp_path):
+    """The probabilities behind <strategy>_metrics.json are the served model's on the same images."""
+    project, _ = default_run
+    script = f"""
+import glob, mlflow, numpy as np, pandas as pd
+from sklearn.metrics import accuracy_score
+mlflow.set_tracking_uri("sqlite:///{project / "mlflow.db"}")
+for strategy in {STRATEGY_NAMES!r}:
+    stored = np.load(glob.glob("{project}/data/07_model_output/" + strategy + "/test_predictions.npz/*/*.npz")[0])
+    served = mlflow.pyfunc.load_model(f"models:/transfer_learning_{{strategy}}/1").predict(
+        pd.DataFrame({{"path": stored["location"].tolist()}})
+    )
+    probabilities = served[[c for c in served.columns if c.startswith("probability_")]].to_numpy()
+    np.testing.assert_allclose(probabilities, stored["probabilities"], rtol=0, atol=1e-6)
+    print(strategy, accuracy_score(stored["label"], probabilities.argmax(1)))
+"""
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    served_accuracy = dict(line.split() for line in completed.stdout.strip().splitlines())
+    reports = project / "data" / "08_reporting"
+    for strategy in STRATEGY_NAMES:
+        metrics = json.loads((reports / f"{strategy}_metrics.json").read_text())
+        assert float(served_accuracy[strategy]) == pytest.approx(metrics["accuracy"], abs=1e-12)
 
 
 def test_viz_build_shows_every_pipeline_in_layers(default_run):
@@ -323,4 +356,5 @@ def test_notebook_runs_top_to_bottom(default_run):
     ]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 6  # three confusion matrices, three reliability diagrams
+    # A confusion matrix and a reliability diagram per strategy.
+    assert len(images) == 2 * len(STRATEGY_NAMES)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +56,15 @@ class BackboneSettings:
     weights_path: str | None = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> BackboneSettings:
-        check_known_keys(cls, params, "backbone", BackboneError)
+    def from_params(cls, params: Mapping[str, Any], block: str = "backbone") -> BackboneSettings:
+        """Settings from a parameter block; `block` is how the user spells it, for errors."""
+        check_known_keys(cls, params, block, BackboneError)
         settings = cls(**params)
         if settings.image_size is not None and (
             not isinstance(settings.image_size, int) or settings.image_size < 16
         ):
             raise BackboneError(
-                f"backbone.image_size={settings.image_size!r} must be an integer ≥ 16 (or null)."
+                f"{block}.image_size={settings.image_size!r} must be an integer ≥ 16 (or null)."
             )
         return settings
 
@@ -87,8 +88,12 @@ class Backbone:
 _Builder = Callable[[str, bool], tuple[nn.Module, nn.Module, Preprocessing, int]]
 
 
-def build_backbone(settings: BackboneSettings) -> Backbone:
-    """Build the backbone `settings.name`, with pretrained, random or local weights."""
+def build_backbone(settings: BackboneSettings, seed: int = 0) -> Backbone:
+    """Build the backbone `settings.name`, with pretrained, random or local weights.
+
+    Random initial weights are drawn from `seed` inside a forked RNG: building a model never
+    changes torch's global random state, and the same seed gives the same random network.
+    """
     family, _, model_name = settings.name.rpartition("/")
     builder = _FAMILIES.get(family or settings.name)
     if builder is None:
@@ -97,13 +102,13 @@ def build_backbone(settings: BackboneSettings) -> Backbone:
             "torchvision/<model> (e.g. torchvision/resnet18) or timm/<model>."
         )
     download = settings.pretrained and settings.weights_path is None
-    features, classifier, preprocessing, feature_dim = builder(model_name, download)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        features, classifier, preprocessing, feature_dim = builder(model_name, download)
     if settings.weights_path is not None and settings.pretrained:
         load_weights(nn.Sequential(features, classifier), Path(settings.weights_path))
     if settings.image_size is not None:
-        preprocessing = Preprocessing(
-            settings.image_size, preprocessing.mean, preprocessing.std, preprocessing.interpolation
-        )
+        preprocessing = replace(preprocessing, image_size=settings.image_size)
     return Backbone(
         settings.name, features.eval(), classifier.eval(), preprocessing, feature_dim, settings
     )

@@ -1,19 +1,32 @@
-"""The side-by-side comparison of the strategies' test metrics."""
+"""The side-by-side comparison of the strategies' test metrics, for any number of strategies."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import pandas as pd
+from matplotlib.figure import Figure
 
 COLUMNS = ("accuracy", "macro_f1", "ece", "fit_seconds", "trainable_parameters")
+TITLES = {
+    "accuracy": "accuracy ↑",
+    "macro_f1": "macro-F1 ↑",
+    "ece": "ECE ↓",
+    "fit_seconds": "train time (s) ↓",
+    "trainable_parameters": "trainable params",
+}
+FALLBACK_COLOUR = "#8C8C8C"
+
+
+@dataclass(frozen=True)
+class Control:
+    """A strategy that is the control of another: their accuracy gap is worth reporting."""
+
+    treated: str  # e.g. parameter_transfer
+    control: str  # e.g. structure_transfer
+    shows: str  # what the gap measures, e.g. "what the pretrained weights are worth here"
 
 
 def comparison_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -26,13 +39,12 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     ).set_index("strategy")
 
 
-def comparison_markdown(table: pd.DataFrame) -> str:
+def comparison_markdown(table: pd.DataFrame, controls: Sequence[Control] = ()) -> str:
     header = "| strategy | accuracy | macro-F1 | ECE | train time (s) | trainable parameters |"
     rows = [
         f"| {name} | {r.accuracy:.4f} | {r.macro_f1:.4f} | {r.ece:.4f} | {r.fit_seconds:.1f} | {int(r.trainable_parameters):,} |"
         for name, r in table.iterrows()
     ]
-    best = table["accuracy"].idxmax()
     lines = [
         "# Transfer strategies compared on the test split",
         "",
@@ -40,36 +52,29 @@ def comparison_markdown(table: pd.DataFrame) -> str:
         "|---|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"Best test accuracy: **{best}**. ECE is the expected calibration error (15 bins; lower is better).",
+        f"Best test accuracy: **{table['accuracy'].idxmax()}**. ECE is the expected calibration "
+        "error (15 bins; lower is better).",
     ]
-    if {"parameter_transfer", "structure_transfer"} <= set(table.index):
-        gap = (
-            table.loc["parameter_transfer", "accuracy"]
-            - table.loc["structure_transfer", "accuracy"]
-        )
-        lines.append(
-            f"What the pretrained weights are worth here: parameter_transfer − structure_transfer = "
-            f"{gap * 100:+.1f} accuracy points."
-        )
+    for control in controls:
+        if {control.treated, control.control} <= set(table.index):
+            gap = table.loc[control.treated, "accuracy"] - table.loc[control.control, "accuracy"]
+            lines.append(
+                f"{control.shows[:1].upper()}{control.shows[1:]}: {control.treated} − "
+                f"{control.control} = {gap * 100:+.1f} accuracy points."
+            )
     return "\n".join(lines) + "\n"
 
 
-def comparison_figure(table: pd.DataFrame) -> Figure:
-    figure, axes = plt.subplots(1, len(COLUMNS), figsize=(3.2 * len(COLUMNS), 3.6))
-    colours = ["#4C72B0", "#DD8452", "#55A868"][: len(table)]
-    titles = {
-        "accuracy": "accuracy ↑",
-        "macro_f1": "macro-F1 ↑",
-        "ece": "ECE ↓",
-        "fit_seconds": "train time (s) ↓",
-        "trainable_parameters": "trainable params",
-    }
+def comparison_figure(table: pd.DataFrame, colours: Mapping[str, str]) -> Figure:
+    """One bar panel per compared metric, one bar per strategy in its registry colour."""
+    figure = Figure(figsize=(3.2 * len(COLUMNS), 3.6))
+    axes = figure.subplots(1, len(COLUMNS))
+    bar_colours = [colours.get(name, FALLBACK_COLOUR) for name in table.index]
     for ax, column in zip(axes, COLUMNS, strict=True):
-        ax.bar(range(len(table)), table[column].astype(float), color=colours)
+        ax.bar(range(len(table)), table[column].astype(float), color=bar_colours)
         ax.set_xticks(range(len(table)), [s.replace("_", "\n") for s in table.index], fontsize=8)
-        ax.set_title(titles[column])
+        ax.set_title(TITLES[column])
         if column == "trainable_parameters":
             ax.set_yscale("log")
     figure.tight_layout()
-    plt.close(figure)
     return figure

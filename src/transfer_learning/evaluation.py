@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # headless: figures are files, never windows
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+# Figures are built without pyplot: no backend, no window, no global figure registry.
+from matplotlib.figure import Figure
+from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
     confusion_matrix,
@@ -28,10 +25,14 @@ ECE_BINS = 15
 def align_probabilities(
     probabilities: np.ndarray, model_classes: Sequence[int], n_classes: int
 ) -> np.ndarray:
-    """Columns in model order → one column per label id 0..n_classes-1 (absent classes get 0)."""
+    """Columns in model order → one column per label id 0..n_classes-1 (absent classes get 0).
+
+    Rows are renormalised in float64: heads fed float32 features return float32 probabilities,
+    whose rows miss 1 by more than log-loss tolerates.
+    """
     aligned = np.zeros((len(probabilities), n_classes), dtype=np.float64)
     aligned[:, np.asarray(model_classes, dtype=int)] = probabilities
-    return aligned
+    return aligned / aligned.sum(axis=1, keepdims=True)
 
 
 def expected_calibration_error(
@@ -107,7 +108,8 @@ def evaluate_predictions(
 
 def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
     size = max(4.0, 0.45 * len(class_names) + 2)
-    figure, axes = plt.subplots(figsize=(size + 1, size))
+    figure = Figure(figsize=(size + 1, size))
+    axes = figure.subplots()
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     image = axes.imshow(shown, cmap="Blues", vmin=0, vmax=1)
     ticks = np.arange(len(class_names))
@@ -129,12 +131,12 @@ def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], titl
             )
     figure.colorbar(image, ax=axes, label="share of true class")
     figure.tight_layout()
-    plt.close(figure)
     return figure
 
 
 def reliability_figure(reliability: pd.DataFrame, ece: float, title: str) -> Figure:
-    figure, axes = plt.subplots(figsize=(5, 5))
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
     centres = (reliability["bin_low"] + reliability["bin_high"]) / 2
     width = float(reliability["bin_high"].iloc[0] - reliability["bin_low"].iloc[0])
     axes.bar(
@@ -148,5 +150,4 @@ def reliability_figure(reliability: pd.DataFrame, ece: float, title: str) -> Fig
     axes.set_title(f"{title} (ECE {ece:.3f})")
     axes.legend(loc="upper left")
     figure.tight_layout()
-    plt.close(figure)
     return figure

@@ -7,8 +7,9 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -82,11 +83,19 @@ def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
     return min(8, cores) if device.type == "cuda" else 1
 
 
-def configure_cpu_threads() -> int:
-    """Give torch's intra-op pool every core this process may use; returns that number."""
-    cores = usable_cores()
-    torch.set_num_threads(cores)
-    return cores
+@contextmanager
+def cpu_threads(count: int | None = None) -> Iterator[int]:
+    """Run the block with `count` torch threads (default: every usable core), then restore.
+
+    Yields the thread count; the caller's own setting is back when the block ends.
+    """
+    previous = torch.get_num_threads()
+    count = usable_cores() if count is None else count
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---- decoding --------------------------------------------------------------------------------
@@ -308,8 +317,6 @@ def _stream_features(
 
 def _loader_batches(network, normalise, dataset, collate, settings, device):
     """GPU (or explicit workers): worker processes decode while the device computes."""
-    if device.type == "cpu":
-        configure_cpu_threads()
     loader = image_loader(
         dataset,
         settings.batch_size,
@@ -319,6 +326,7 @@ def _loader_batches(network, normalise, dataset, collate, settings, device):
     )
     dtype = autocast_dtype(device)
     with (
+        cpu_threads(),
         torch.inference_mode(),
         torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
     ):
@@ -333,8 +341,7 @@ def _cpu_streams(network, normalise, dataset, collate, batch_size):
     than one stream on two threads (no barrier after every operator), and each stream's
     decoding overlaps the other's compute. Torch ops release the GIL, so threads suffice.
     """
-    streams = configure_cpu_threads()
-    torch.set_num_threads(1)
+    streams = usable_cores()
 
     def features_of(start: int) -> np.ndarray:
         with torch.inference_mode():  # thread-local: entered in each stream
@@ -342,18 +349,15 @@ def _cpu_streams(network, normalise, dataset, collate, batch_size):
             images = collate([dataset[p] for p in positions])
             return network(normalise(images)).numpy()
 
-    try:
-        with ThreadPoolExecutor(max_workers=streams) as pool:
-            # Submitted a few batches ahead only, so memory stays bounded on huge indexes.
-            starts = iter(range(0, len(dataset), batch_size))
-            pending = deque(pool.submit(features_of, s) for s in islice(starts, 2 * streams))
-            while pending:
-                output = pending.popleft().result()
-                for start in islice(starts, 1):
-                    pending.append(pool.submit(features_of, start))
-                yield output
-    finally:
-        torch.set_num_threads(streams)
+    with cpu_threads(1), ThreadPoolExecutor(max_workers=streams) as pool:
+        # Submitted a few batches ahead only, so memory stays bounded on huge indexes.
+        starts = iter(range(0, len(dataset), batch_size))
+        pending = deque(pool.submit(features_of, s) for s in islice(starts, 2 * streams))
+        while pending:
+            output = pending.popleft().result()
+            for start in islice(starts, 1):
+                pending.append(pool.submit(features_of, start))
+            yield output
 
 
 def feature_cache_key(backbone: Backbone, locations: Sequence[str], device: torch.device) -> str:

@@ -2,61 +2,68 @@
 
 Every epoch draws its randomness from (seed, epoch) alone and ends with an atomic checkpoint, so a
 run killed mid-training and resumed ends exactly where an uninterrupted run ends.
+
+The parts, in the order `train_classifier` uses them: the settings (`Recipe`: what decides the
+weights; `TrainingRunSettings`: how to run), `build_classifier`, `TrainingData` (the loaders),
+`make_optimizer`, `Trainer` (one epoch, validation), `TrainingState` and `Checkpointer`.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from transfer_learning.backbones import Backbone, BackboneSettings, build_backbone
-from transfer_learning.config import check_known_keys
+from transfer_learning.backbones import Backbone, BackboneError, BackboneSettings, build_backbone
+from transfer_learning.config import check_known_keys, require_known_keys, with_overrides
 from transfer_learning.datasets import write_atomically
 from transfer_learning.extraction import (
     EvalCollate,
     ImageDataset,
     Normaliser,
     autocast_dtype,
-    configure_cpu_threads,
+    cpu_threads,
     image_loader,
     resolve_num_workers,
 )
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("linear_probe", "full", "lp_ft")
+MODES = ("linear_probe", "full", "lp_ft")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (bad settings, non-finite loss, out of memory)."""
 
 
+# ---- settings --------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """The `finetune` block of parameters_parameter_transfer.yml / parameters_structure_transfer.yml."""
+    """The `finetune` recipe (parameters_parameter_transfer.yml): everything that decides the weights."""
 
-    init: str = "pretrained"  # pretrained | random (structure transfer)
-    strategy: str = "full"  # linear_probe | full | lp_ft
+    mode: str = "full"  # linear_probe | full | lp_ft
     epochs: int = 10
     lp_epochs: int = 2  # lp_ft: epochs with the backbone frozen before unfreezing
     batch_size: int = 64
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # on weight matrices and kernels only; never on biases or norms
     momentum: float = 0.9
     layer_decay: float | None = None  # e.g. 0.75: each earlier layer group learns 0.75x slower
     warmup_epochs: float = 1.0
@@ -66,22 +73,16 @@ class FinetuneSettings:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = True
     patience: int | None = 5  # early stopping: epochs without a better val accuracy
-    compile: bool = False  # torch.compile the model (GPU)
-    resume: bool = False
-    checkpoint_dir: str = "data/06_models/checkpoints"
-    num_workers: int | str = "auto"
-    progress: bool = True
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> FinetuneSettings:
-        check_known_keys(cls, params, "finetune", TrainingError)
+    def from_params(cls, params: Mapping[str, Any], block: str = "finetune") -> FinetuneSettings:
+        check_known_keys(cls, params, block, TrainingError)
         values = dict(params)
         if "crop_scale" in values:
             values["crop_scale"] = tuple(values["crop_scale"])
         settings = cls(**values)
         checks = {
-            "init": settings.init in ("pretrained", "random"),
-            "strategy": settings.strategy in STRATEGIES,
+            "mode": settings.mode in MODES,
             "optimizer": settings.optimizer in ("adamw", "sgd"),
             "epochs": isinstance(settings.epochs, int) and settings.epochs >= 1,
             "batch_size": isinstance(settings.batch_size, int) and settings.batch_size >= 1,
@@ -92,22 +93,464 @@ class FinetuneSettings:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise TrainingError(
-                f"finetune.{bad[0]}={getattr(settings, bad[0])!r} is not valid; see "
+                f"{block}.{bad[0]}={getattr(settings, bad[0])!r} is not valid; see "
                 "conf/base/parameters_parameter_transfer.yml for the allowed values."
             )
         return settings
 
 
+@dataclass(frozen=True)
+class TrainingRunSettings:
+    """The `training` block: how a training run is carried out, never what it learns."""
+
+    resume: bool = False
+    checkpoint_dir: str = "data/06_models/checkpoints"
+    num_workers: int | str = "auto"
+    progress: bool = True
+    compile: bool = False  # torch.compile the model (GPU)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> TrainingRunSettings:
+        check_known_keys(cls, params, "training", TrainingError)
+        return cls(**params)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One strategy's network and fine-tuning recipe: the shared blocks with its overrides."""
+
+    backbone: BackboneSettings
+    finetune: FinetuneSettings
+
+    @classmethod
+    def from_params(
+        cls,
+        backbone: Mapping[str, Any],
+        finetune: Mapping[str, Any],
+        overrides: Mapping[str, Any] | None,
+        strategy: str,
+    ) -> Recipe:
+        """`overrides` is the `<strategy>` block: its own `backbone` and `finetune` keys."""
+        overrides = overrides or {}
+        require_known_keys(overrides, ["backbone", "finetune"], strategy, TrainingError)
+        backbone_blocks = ("backbone", f"{strategy}.backbone")
+        merged_backbone = with_overrides(
+            BackboneSettings, backbone, overrides.get("backbone"), backbone_blocks, BackboneError
+        )
+        finetune_blocks = ("finetune", f"{strategy}.finetune")
+        merged_finetune = with_overrides(
+            FinetuneSettings, finetune, overrides.get("finetune"), finetune_blocks, TrainingError
+        )
+        return cls(
+            BackboneSettings.from_params(merged_backbone, block=backbone_blocks[1]),
+            FinetuneSettings.from_params(merged_finetune, block=finetune_blocks[1]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone": asdict(self.backbone), "finetune": asdict(self.finetune)}
+
+
+@dataclass(frozen=True)
+class TrainValImages:
+    """Where the train and val images are and their labels; test images never come here."""
+
+    train_locations: Sequence[str]
+    train_labels: np.ndarray
+    val_locations: Sequence[str]
+    val_labels: np.ndarray
+
+
+# ---- the network -----------------------------------------------------------------------------
+
+
 class Classifier(nn.Module):
     """Backbone features → a new linear head sized to the task's classes."""
 
-    def __init__(self, features: nn.Module, feature_dim: int, n_classes: int) -> None:
+    def __init__(self, features: nn.Module, head: nn.Linear) -> None:
         super().__init__()
         self.features = features
-        self.head = nn.Linear(feature_dim, n_classes)
+        self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+def build_classifier(
+    backbone_settings: BackboneSettings, n_classes: int, seed: int
+) -> tuple[Classifier, Backbone]:
+    """The registry's backbone (pretrained or random) with a fresh head for `n_classes`.
+
+    The head's initial weights come from `seed` inside a forked RNG: the global one is untouched.
+    """
+    backbone = build_backbone(backbone_settings, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(backbone.feature_dim, n_classes)
+    return Classifier(backbone.features, head), backbone
+
+
+def classifier_from_checkpoint(checkpoint: Mapping[str, Any]) -> Classifier:
+    """Rebuild a trained classifier from its checkpoint, with no download: every weight is in it."""
+    settings = BackboneSettings(
+        name=checkpoint["backbone_name"],
+        image_size=checkpoint["image_size"] or None,
+        pretrained=False,
+    )
+    model, _ = build_classifier(settings, checkpoint["n_classes"], seed=0)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def training_phase(settings: FinetuneSettings, epoch: int) -> str:
+    """'head' while the backbone is frozen (linear_probe, lp_ft's first epochs), else 'all'."""
+    if settings.mode == "linear_probe":
+        return "head"
+    if settings.mode == "lp_ft" and epoch < settings.lp_epochs:
+        return "head"
+    return "all"
+
+
+def set_trainable(model: Classifier, phase: str) -> None:
+    frozen = phase == "head"
+    model.features.requires_grad_(not frozen)
+    model.head.requires_grad_(True)
+    model.train()
+    if frozen:
+        # A frozen backbone keeps its BatchNorm statistics too (eval mode).
+        model.features.eval()
+
+
+def trainable_parameter_count(model: Classifier, settings: FinetuneSettings) -> int:
+    modules = [model.head] if settings.mode == "linear_probe" else [model]
+    return sum(p.numel() for module in modules for p in module.parameters())
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+class _Labelled(Dataset):
+    def __init__(self, images: ImageDataset, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[position], self.labels[position]
+
+
+@dataclass
+class TrainingData:
+    """The augmented train set (a new loader per epoch) and the fixed val loader."""
+
+    train: Dataset
+    val_loader: DataLoader
+    val_labels: torch.Tensor
+    train_labels: torch.Tensor
+    batch_size: int
+    workers: int
+    device: torch.device
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train) // self.batch_size)
+
+    def train_loader(self, epoch_seed: int) -> DataLoader:
+        """Shuffled by a generator seeded for this epoch alone (resume relies on it)."""
+        generator = torch.Generator().manual_seed(epoch_seed)
+        return image_loader(
+            self.train,
+            self.batch_size,
+            self.workers,
+            self.device,
+            shuffle=True,
+            generator=generator,
+            drop_last=True,
+        )
+
+
+def build_training_data(
+    images: TrainValImages,
+    backbone: Backbone,
+    settings: FinetuneSettings,
+    run: TrainingRunSettings,
+    device: torch.device,
+) -> TrainingData:
+    # On CPU a training step is ~30x the cost of decoding its images, so decoding in the main
+    # process wastes little and saves a worker start per epoch; GPUs need the workers.
+    workers = (
+        0
+        if run.num_workers == "auto" and device.type == "cpu"
+        else resolve_num_workers(run.num_workers, device)
+    )
+    size = backbone.preprocessing.image_size
+    augment = v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=settings.crop_scale, antialias=True),
+            *([v2.RandomHorizontalFlip()] if settings.hflip else []),
+        ]
+    )
+    train_labels = torch.tensor(np.asarray(images.train_labels), dtype=torch.long)
+    val_loader = image_loader(
+        ImageDataset(images.val_locations, min_size=size),
+        settings.batch_size,
+        workers,
+        device,
+        collate_fn=EvalCollate(backbone.preprocessing),
+    )
+    return TrainingData(
+        train=_Labelled(ImageDataset(images.train_locations, augment, min_size=size), train_labels),
+        val_loader=val_loader,
+        val_labels=torch.tensor(np.asarray(images.val_labels), dtype=torch.long),
+        train_labels=train_labels,
+        batch_size=settings.batch_size,
+        workers=workers,
+        device=device,
+    )
+
+
+# ---- optimiser -------------------------------------------------------------------------------
+
+
+def parameter_groups(
+    model: Classifier, settings: FinetuneSettings, phase: str
+) -> list[dict[str, Any]]:
+    """Optimiser groups: one rate per depth (with layer_decay, earlier layers learn slower), and
+    in each depth weight decay on ≥2-D tensors only — biases and normalisation weights are 1-D
+    and are not decayed (as timm does)."""
+    by_depth: dict[int, list[nn.Parameter]] = {}
+    if phase != "head":
+        depth_of: dict[str, int] = {}
+        for name, parameter in model.features.named_parameters():
+            key = ".".join(name.split(".")[:2])  # e.g. "blocks.3", "conv_stem", "layer2.1"
+            by_depth.setdefault(depth_of.setdefault(key, len(depth_of)), []).append(parameter)
+    head_depth = len(by_depth)
+    by_depth[head_depth] = list(model.head.parameters())
+    decay = settings.layer_decay or 1.0
+    groups = []
+    for depth, params in sorted(by_depth.items()):
+        lr = settings.lr * decay ** (head_depth - depth)
+        for decayed in (True, False):
+            members = [p for p in params if (p.ndim > 1) == decayed]
+            if members:
+                weight_decay = settings.weight_decay if decayed else 0.0
+                groups.append({"params": members, "lr": lr, "weight_decay": weight_decay})
+    return groups
+
+
+def _phase_epochs(settings: FinetuneSettings, phase: str) -> int:
+    if settings.mode != "lp_ft":
+        return settings.epochs
+    return settings.lp_epochs if phase == "head" else settings.epochs - settings.lp_epochs
+
+
+def make_optimizer(
+    model: Classifier, settings: FinetuneSettings, phase: str, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser for `phase` and its schedule: linear warm-up, then cosine decay to zero."""
+    groups = parameter_groups(model, settings, phase)
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    if settings.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, momentum=settings.momentum, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups)
+    total = max(1, _phase_epochs(settings, phase) * steps_per_epoch)
+    warmup = min(total - 1, int(settings.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- one epoch -------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """Runs the steps of an epoch and the validation pass of one model on one device."""
+
+    model: nn.Module  # the network as called: torch.compile'd when asked
+    normalise: Normaliser
+    criterion: nn.CrossEntropyLoss
+    device: torch.device
+    grad_clip: float | None
+    batch_size: int
+    progress: bool
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return autocast_dtype(self.device)
+
+    def train_epoch(self, loader: DataLoader, optimizer, scheduler, description: str) -> float:
+        """One pass over `loader`; returns the mean training loss."""
+        total, count = 0.0, 0
+        bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=self._hidden())
+        with bar:
+            for step, (images, targets) in enumerate(bar):
+                targets = targets.to(self.device, non_blocking=True)
+                loss = self._step(
+                    images, targets, optimizer, scheduler, f"{description}, step {step + 1}"
+                )
+                total += loss * len(targets)
+                count += len(targets)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+        return total / max(count, 1)
+
+    def _step(self, images, targets, optimizer, scheduler, where: str) -> float:
+        try:
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                loss = self.criterion(self.model(self.normalise(images)), targets)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"Non-finite loss ({loss.item()}) at {where}, learning rate "
+                    f"{optimizer.param_groups[-1]['lr']:.3g}: lower finetune.lr or set "
+                    "finetune.grad_clip."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip:
+                parameters = [p for group in optimizer.param_groups for p in group["params"]]
+                nn.utils.clip_grad_norm_(parameters, self.grad_clip)
+            optimizer.step()
+            scheduler.step()
+        except torch.cuda.OutOfMemoryError as error:
+            raise TrainingError(
+                f"CUDA ran out of memory at {where} with finetune.batch_size={self.batch_size}; "
+                f"lower it (e.g. finetune.batch_size={max(1, self.batch_size // 2)})."
+            ) from error
+        return loss.item()
+
+    @torch.inference_mode()
+    def validate(self, loader: DataLoader, labels: torch.Tensor) -> tuple[float, float]:
+        """(val loss with the training criterion's smoothing, val accuracy)."""
+        self.model.eval()
+        outputs = []
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            for images in loader:
+                outputs.append(self.model(self.normalise(images)).float().cpu())
+        logits = torch.cat(outputs)
+        smoothing = self.criterion.label_smoothing
+        loss = float(nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing))
+        return loss, float((logits.argmax(1) == labels).float().mean())
+
+    def _hidden(self) -> bool | None:
+        return None if self.progress else True  # None: shown on a terminal only
+
+
+def _class_weights(labels: torch.Tensor, n_classes: int, mode: str | None) -> torch.Tensor | None:
+    if mode != "balanced":
+        return None
+    counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).float()
+    return counts.sum() / (n_classes * counts)
+
+
+def build_trainer(
+    model: Classifier,
+    backbone: Backbone,
+    data: TrainingData,
+    recipe: FinetuneSettings,
+    run: TrainingRunSettings,
+    n_classes: int,
+) -> Trainer:
+    criterion = nn.CrossEntropyLoss(
+        weight=_class_weights(data.train_labels, n_classes, recipe.class_weight),
+        label_smoothing=recipe.label_smoothing,
+    )
+    return Trainer(
+        model=torch.compile(model) if run.compile else model,
+        normalise=Normaliser(backbone.preprocessing).to(data.device),
+        criterion=criterion.to(data.device),
+        device=data.device,
+        grad_clip=recipe.grad_clip,
+        batch_size=recipe.batch_size,
+        progress=run.progress,
+    )
+
+
+# ---- state and checkpoints -------------------------------------------------------------------
+
+
+def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+
+
+@dataclass
+class TrainingState:
+    """Everything the epoch loop carries from one epoch to the next (and a resume restores)."""
+
+    phase: str
+    best_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_accuracy: float = -1.0
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+
+    def record(self, epoch_record: dict[str, float], model: nn.Module) -> None:
+        """Append the epoch; keep the model's weights if its val accuracy is the best so far."""
+        self.history.append(epoch_record)
+        if epoch_record["val_accuracy"] > self.best_val_accuracy:
+            self.best_val_accuracy = epoch_record["val_accuracy"]
+            self.best_epoch = int(epoch_record["epoch"])
+            self.best_state = _cpu_copy(model)
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+
+    def out_of_patience(self, patience: int | None) -> bool:
+        return patience is not None and self.epochs_without_improvement >= patience
+
+
+def fingerprint(recipe: Recipe, n_classes: int, seed: int, images: TrainValImages) -> str:
+    """A digest of everything that decides the trained weights: a resume must match it."""
+    digest = hashlib.sha256(
+        json.dumps([recipe.to_dict(), n_classes, seed], sort_keys=True, default=str).encode()
+    )
+    for location in [*images.train_locations, *images.val_locations]:
+        digest.update(location.encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpointer:
+    """The last epoch's checkpoint of one run, written atomically after every epoch."""
+
+    path: Path
+    fingerprint: str
+
+    def restore(self, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint to resume from, or None; a fresh run deletes an older run's checkpoint."""
+        if not self.path.exists():
+            return None
+        if not resume:
+            self.path.unlink()  # a fresh run must not be resumed from an older one later
+            return None
+        checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
+        if checkpoint["fingerprint"] != self.fingerprint:
+            raise TrainingError(
+                f"The checkpoint {self.path} was written by a run with other data or settings; "
+                "resume only the same run, or set training.resume=false to start afresh."
+            )
+        return checkpoint
+
+    def save(self, epoch: int, model, optimizer, scheduler, state: TrainingState) -> None:
+        checkpoint = {
+            "fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": asdict(state),
+        }
+        write_atomically(self.path, lambda stream: torch.save(checkpoint, stream))
+
+
+# ---- the epoch loop --------------------------------------------------------------------------
 
 
 @dataclass
@@ -123,405 +566,131 @@ class TrainingResult:
     stopped_early: bool = False
 
 
-def build_classifier(
-    backbone_settings: BackboneSettings, settings: FinetuneSettings, n_classes: int, seed: int
-) -> tuple[Classifier, Backbone]:
-    """The registry's backbone (pretrained or random) with a fresh head for `n_classes`."""
-    torch.manual_seed(seed)
-    if settings.init == "random":
-        backbone_settings = BackboneSettings(
-            backbone_settings.name, backbone_settings.image_size, pretrained=False
-        )
-    backbone = build_backbone(backbone_settings)
-    return Classifier(backbone.features, backbone.feature_dim, n_classes), backbone
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Each epoch's shuffling, augmentation and dropout depend on (seed, epoch) only."""
+    return seed * 1000 + epoch
 
 
 def train_classifier(
-    locations: tuple[Sequence[str], Sequence[str]],
-    labels: tuple[np.ndarray, np.ndarray],
+    images: TrainValImages,
     n_classes: int,
-    backbone_settings: BackboneSettings,
-    settings: FinetuneSettings,
+    recipe: Recipe,
+    run: TrainingRunSettings,
     seed: int,
     device: torch.device,
     run_name: str,
 ) -> TrainingResult:
-    """Train on (train) and select the best epoch on (val); test data never comes here.
+    """Train on train and select the best epoch on val; `run_name` keys the checkpoint folder.
 
-    `locations` and `labels` are (train, val) pairs. `run_name` keys the checkpoint folder.
+    Torch's global RNG and thread count are the caller's again when this returns.
     """
-    if device.type == "cpu":
-        configure_cpu_threads()
-    model, backbone = build_classifier(backbone_settings, settings, n_classes, seed)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    normalise = Normaliser(backbone.preprocessing).to(device)
-    train_locations, val_locations = locations
-    train_labels, val_labels = (torch.tensor(np.asarray(y), dtype=torch.long) for y in labels)
-    # On CPU a training step is ~30x the cost of decoding its images, so decoding in the main
-    # process wastes little and saves a worker start per epoch; GPUs need the workers.
-    workers = (
-        0
-        if settings.num_workers == "auto" and device.type == "cpu"
-        else resolve_num_workers(settings.num_workers, device)
-    )
-    size = backbone.preprocessing.image_size
-    augment = v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=settings.crop_scale, antialias=True),
-            *([v2.RandomHorizontalFlip()] if settings.hflip else []),
-        ]
-    )
-    train_data = _Labelled(ImageDataset(train_locations, augment, min_size=size), train_labels)
-    val_loader = image_loader(
-        ImageDataset(val_locations, min_size=size),
-        settings.batch_size,
-        workers,
-        device,
-        collate_fn=EvalCollate(backbone.preprocessing),
-    )
-    criterion = nn.CrossEntropyLoss(
-        weight=_class_weights(train_labels, n_classes, settings.class_weight),
-        label_smoothing=settings.label_smoothing,
-    ).to(device)
-    steps_per_epoch = max(1, len(train_locations) // settings.batch_size)
-    dtype = autocast_dtype(device)
-    forward = torch.compile(model) if settings.compile else model
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    threads = cpu_threads() if device.type == "cpu" else nullcontext()
+    with threads, torch.random.fork_rng(devices=rng_devices):
+        return _epoch_loop(images, n_classes, recipe, run, seed, device, run_name)
 
-    checkpoint_path = Path(settings.checkpoint_dir) / run_name / "last.pt"
-    fingerprint = _fingerprint(backbone_settings, settings, n_classes, seed, locations)
-    state = _initial_state(model, settings)
-    start_epoch, checkpoint = 0, None
-    if settings.resume and checkpoint_path.exists():
-        checkpoint = _load_checkpoint(checkpoint_path, fingerprint)
+
+@dataclass
+class _Session:
+    """What one training run holds while its epochs run."""
+
+    model: Classifier
+    data: TrainingData
+    trainer: Trainer
+    checkpointer: Checkpointer
+    state: TrainingState
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start_epoch: int
+
+
+def _start(images, n_classes, recipe: Recipe, run, seed, device, run_name) -> _Session:
+    """Build model, data and trainer; restore the checkpoint when resuming."""
+    settings = recipe.finetune
+    model, backbone = build_classifier(recipe.backbone, n_classes, seed)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    data = build_training_data(images, backbone, settings, run, device)
+    checkpointer = Checkpointer(
+        Path(run.checkpoint_dir) / run_name / "last.pt",
+        fingerprint(recipe, n_classes, seed, images),
+    )
+    state = TrainingState(training_phase(settings, 0), _cpu_copy(model))
+    checkpoint = checkpointer.restore(run.resume)
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        state.update(checkpoint["state"])
-        start_epoch = int(checkpoint["epoch"])
-        logger.info("Resuming %s from the checkpoint after epoch %d", run_name, start_epoch)
-    elif checkpoint_path.exists():
-        checkpoint_path.unlink()  # a fresh run must not be resumed from an older one later
-    optimizer, scheduler = _optimiser(model, settings, state["phase"], steps_per_epoch)
+        state = TrainingState(**checkpoint["state"])
+        logger.info("Resuming %s after epoch %d", run_name, checkpoint["epoch"])
+    optimizer, scheduler = make_optimizer(model, settings, state.phase, data.steps_per_epoch)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+    trainer = build_trainer(model, backbone, data, settings, run, n_classes)
+    start_epoch = int(checkpoint["epoch"]) if checkpoint else 0
+    return _Session(model, data, trainer, checkpointer, state, optimizer, scheduler, start_epoch)
 
+
+def _run_epoch(session: _Session, settings: FinetuneSettings, seed: int, epoch: int, name: str):
+    """Train one epoch, validate, record it and write the checkpoint."""
+    state, data = session.state, session.data
+    if training_phase(settings, epoch) != state.phase:
+        state.phase = training_phase(settings, epoch)
+        session.optimizer, session.scheduler = make_optimizer(
+            session.model, settings, state.phase, data.steps_per_epoch
+        )
+    set_trainable(session.model, state.phase)
+    torch.manual_seed(epoch_seed(seed, epoch))  # augmentation and dropout; the RNG is forked
+    description = f"{name} epoch {epoch + 1}/{settings.epochs}"
     started = time.perf_counter()
-    trained_images = 0
-    for epoch in range(start_epoch, settings.epochs):
-        phase = _phase(settings, epoch)
-        if phase != state["phase"]:
-            state["phase"] = phase
-            optimizer, scheduler = _optimiser(model, settings, phase, steps_per_epoch)
-        _set_trainable(model, settings, phase)
-        # Each epoch's shuffling, augmentation and dropout depend on (seed, epoch) only.
-        torch.manual_seed(seed * 1000 + epoch)
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        loader = image_loader(
-            train_data,
-            settings.batch_size,
-            workers,
-            device,
-            shuffle=True,
-            generator=generator,
-            drop_last=True,
-        )
-        epoch_start = time.perf_counter()
-        train_loss = _train_one_epoch(
-            forward,
-            loader,
-            normalise,
-            criterion,
-            optimizer,
-            scheduler,
-            settings,
-            epoch,
-            device,
-            dtype,
-        )
-        train_seconds = time.perf_counter() - epoch_start
-        trained_images += steps_per_epoch * settings.batch_size
-        val_loss, val_accuracy = _validate(
-            forward, val_loader, normalise, val_labels, criterion, device, dtype
-        )
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "lr": optimizer.param_groups[-1]["lr"],
-            "train_images_per_second": steps_per_epoch * settings.batch_size / train_seconds,
-        }
-        state["history"].append(record)
-        logger.info(
-            "%s epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f",
-            run_name,
-            epoch + 1,
-            settings.epochs,
-            train_loss,
-            val_loss,
-            val_accuracy,
-        )
-        if val_accuracy > state["best_val_accuracy"]:
-            state.update(
-                best_val_accuracy=val_accuracy,
-                best_epoch=epoch + 1,
-                best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                epochs_without_improvement=0,
-            )
-        else:
-            state["epochs_without_improvement"] += 1
-        _save_checkpoint(
-            checkpoint_path, fingerprint, epoch + 1, model, optimizer, scheduler, state
-        )
-        if (
-            settings.patience is not None
-            and state["epochs_without_improvement"] >= settings.patience
-        ):
+    train_loss = session.trainer.train_epoch(
+        data.train_loader(epoch_seed(seed, epoch)),
+        session.optimizer,
+        session.scheduler,
+        description,
+    )
+    rate = data.steps_per_epoch * data.batch_size / (time.perf_counter() - started)
+    val_loss, val_accuracy = session.trainer.validate(data.val_loader, data.val_labels)
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_accuracy": val_accuracy,
+        "lr": session.optimizer.param_groups[-1]["lr"],
+        "train_images_per_second": rate,
+    }
+    state.record(record, session.model)
+    logger.info(
+        "%s: train loss %.4f, val loss %.4f, val accuracy %.4f",
+        description,
+        train_loss,
+        val_loss,
+        val_accuracy,
+    )
+    session.checkpointer.save(epoch + 1, session.model, session.optimizer, session.scheduler, state)
+
+
+def _epoch_loop(images, n_classes, recipe, run, seed, device, run_name) -> TrainingResult:
+    settings = recipe.finetune
+    session = _start(images, n_classes, recipe, run, seed, device, run_name)
+    started = time.perf_counter()
+    for epoch in range(session.start_epoch, settings.epochs):
+        _run_epoch(session, settings, seed, epoch, run_name)
+        if session.state.out_of_patience(settings.patience):
             logger.info(
                 "%s: no better val accuracy for %d epochs, stopping", run_name, settings.patience
             )
-            state["stopped_early"] = True
+            session.state.stopped_early = True
             break
     seconds = time.perf_counter() - started
+    state, data = session.state, session.data
+    trained = (len(state.history) - session.start_epoch) * data.steps_per_epoch * data.batch_size
     return TrainingResult(
-        state_dict=state["best_state"],
-        best_epoch=state["best_epoch"],
-        best_val_accuracy=state["best_val_accuracy"],
-        history=state["history"],
+        state_dict=state.best_state,
+        best_epoch=state.best_epoch,
+        best_val_accuracy=state.best_val_accuracy,
+        history=state.history,
         fit_seconds=seconds,
-        trainable_parameters=_trainable_count(model, settings),
-        images_per_second=trained_images / seconds if seconds else 0.0,
-        resumed_from_epoch=start_epoch,
-        stopped_early=state.get("stopped_early", False),
+        trainable_parameters=trainable_parameter_count(session.model, settings),
+        images_per_second=trained / seconds if seconds else 0.0,
+        resumed_from_epoch=session.start_epoch,
+        stopped_early=state.stopped_early,
     )
-
-
-class _Labelled(torch.utils.data.Dataset):
-    def __init__(self, images: ImageDataset, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[position], self.labels[position]
-
-
-def _class_weights(labels: torch.Tensor, n_classes: int, mode: str | None) -> torch.Tensor | None:
-    if mode != "balanced":
-        return None
-    counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).float()
-    return counts.sum() / (n_classes * counts)
-
-
-def _phase(settings: FinetuneSettings, epoch: int) -> str:
-    if settings.strategy == "linear_probe":
-        return "head"
-    if settings.strategy == "lp_ft" and epoch < settings.lp_epochs:
-        return "head"
-    return "all"
-
-
-def _set_trainable(model: Classifier, settings: FinetuneSettings, phase: str) -> None:
-    frozen = phase == "head"
-    model.features.requires_grad_(not frozen)
-    model.head.requires_grad_(True)
-    model.train()
-    if frozen:
-        # A frozen backbone keeps its BatchNorm statistics too (eval mode).
-        model.features.eval()
-
-
-def _trainable_count(model: Classifier, settings: FinetuneSettings) -> int:
-    modules = [model.head] if settings.strategy == "linear_probe" else [model]
-    return sum(p.numel() for module in modules for p in module.parameters())
-
-
-def _layer_groups(
-    model: Classifier, settings: FinetuneSettings, phase: str
-) -> list[dict[str, Any]]:
-    """Parameter groups; with layer_decay, earlier layers (by depth order) get smaller rates."""
-    if phase == "head":
-        return [{"params": list(model.head.parameters()), "lr": settings.lr}]
-    depth_of: dict[str, int] = {}
-    grouped: dict[int, list[nn.Parameter]] = {}
-    for name, parameter in model.features.named_parameters():
-        key = ".".join(name.split(".")[:2])  # e.g. "blocks.3", "conv_stem", "layer2.1"
-        depth = depth_of.setdefault(key, len(depth_of))
-        grouped.setdefault(depth, []).append(parameter)
-    head_depth = len(depth_of)
-    grouped[head_depth] = list(model.head.parameters())
-    decay = settings.layer_decay or 1.0
-    return [
-        {"params": params, "lr": settings.lr * decay ** (head_depth - depth)}
-        for depth, params in sorted(grouped.items())
-    ]
-
-
-def _optimiser(model: Classifier, settings: FinetuneSettings, phase: str, steps_per_epoch: int):
-    groups = _layer_groups(model, settings, phase)
-    for group in groups:
-        group["initial_lr"] = group["lr"]
-    if settings.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            groups, momentum=settings.momentum, weight_decay=settings.weight_decay, nesterov=True
-        )
-    else:
-        optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    epochs = (
-        settings.lp_epochs
-        if (settings.strategy == "lp_ft" and phase == "head")
-        else (
-            settings.epochs - settings.lp_epochs
-            if settings.strategy == "lp_ft"
-            else settings.epochs
-        )
-    )
-    total = max(1, epochs * steps_per_epoch)
-    warmup = min(total - 1, int(settings.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        # Linear warm-up, then cosine decay to zero.
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _train_one_epoch(
-    model, loader, normalise, criterion, optimizer, scheduler, settings, epoch, device, dtype
-) -> float:
-    total, count = 0.0, 0
-    progress = tqdm(
-        loader,
-        desc=f"epoch {epoch + 1}/{settings.epochs}",
-        unit="batch",
-        disable=None if settings.progress else True,  # None: shown on a terminal only
-        leave=False,
-    )
-    with progress as bar:
-        for step, (images, targets) in enumerate(bar):
-            targets = targets.to(device, non_blocking=True)
-            try:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = criterion(model(normalise(images)), targets)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"Non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}, "
-                        f"learning rate {optimizer.param_groups[-1]['lr']:.3g}: lower finetune.lr "
-                        "or set finetune.grad_clip."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.grad_clip:
-                    nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], settings.grad_clip
-                    )
-                optimizer.step()
-                scheduler.step()
-            except torch.cuda.OutOfMemoryError as error:
-                raise TrainingError(
-                    f"CUDA ran out of memory at epoch {epoch + 1} with finetune.batch_size="
-                    f"{settings.batch_size}; lower it (e.g. finetune.batch_size={max(1, settings.batch_size // 2)})."
-                ) from error
-            total += loss.item() * len(targets)
-            count += len(targets)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-    return total / max(count, 1)
-
-
-@torch.inference_mode()
-def _validate(model, loader, normalise, labels, criterion, device, dtype) -> tuple[float, float]:
-    model.eval()
-    logits = predict_logits(model, loader, normalise, device, dtype)
-    loss = float(
-        nn.functional.cross_entropy(logits, labels, label_smoothing=criterion.label_smoothing)
-    )
-    accuracy = float((logits.argmax(1) == labels).float().mean())
-    return loss, accuracy
-
-
-@torch.inference_mode()
-def predict_logits(model, loader, normalise, device, dtype) -> torch.Tensor:
-    """Logits for every batch of `loader`, in order, as a float32 CPU tensor."""
-    model.eval()
-    outputs = []
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for images in loader:
-            outputs.append(model(normalise(images)).float().cpu())
-    return torch.cat(outputs)
-
-
-def predict_probabilities(
-    model: Classifier,
-    locations: Sequence[str],
-    backbone: Backbone,
-    batch_size: int,
-    device: torch.device,
-) -> np.ndarray:
-    """Softmax class probabilities with the deterministic evaluation transform."""
-    model = model.to(device).to(memory_format=torch.channels_last).eval()
-    loader = image_loader(
-        ImageDataset(locations, min_size=backbone.preprocessing.image_size),
-        batch_size,
-        resolve_num_workers("auto", device),
-        device,
-        collate_fn=EvalCollate(backbone.preprocessing),
-    )
-    normalise = Normaliser(backbone.preprocessing).to(device)
-    logits = predict_logits(model, loader, normalise, device, autocast_dtype(device))
-    probabilities = torch.softmax(logits.double(), dim=1).numpy()
-    return probabilities / probabilities.sum(axis=1, keepdims=True)
-
-
-# ---- checkpoints -----------------------------------------------------------------------------
-
-
-def _initial_state(model: Classifier, settings: FinetuneSettings) -> dict[str, Any]:
-    return {
-        "phase": _phase(settings, 0),
-        "history": [],
-        "best_val_accuracy": -1.0,
-        "best_epoch": 0,
-        "best_state": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
-        "epochs_without_improvement": 0,
-    }
-
-
-def _fingerprint(backbone_settings, settings, n_classes, seed, locations) -> str:
-    relevant = {
-        k: v for k, v in asdict(settings).items() if k not in ("resume", "progress", "num_workers")
-    }
-    digest = hashlib.sha256(
-        json.dumps(
-            [asdict(backbone_settings), relevant, n_classes, seed], sort_keys=True, default=str
-        ).encode()
-    )
-    for group in locations:
-        for location in group:
-            digest.update(location.encode())
-    return digest.hexdigest()
-
-
-def _save_checkpoint(path: Path, fingerprint, epoch, model, optimizer, scheduler, state) -> None:
-    """Write the checkpoint atomically: a kill mid-write never leaves half a file."""
-    checkpoint = {
-        "fingerprint": fingerprint,
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "state": dict(state),
-    }
-    write_atomically(path, lambda stream: torch.save(checkpoint, stream))
-
-
-def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint["fingerprint"] != fingerprint:
-        raise TrainingError(
-            f"The checkpoint {path} was written by a run with other data or settings; "
-            "resume only the same run, or set finetune.resume=false to start afresh."
-        )
-    return checkpoint

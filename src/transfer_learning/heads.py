@@ -135,9 +135,11 @@ def select_and_fit(
         {f"classifier__{k}": v for k, v in point.items()}
         for point in ParameterGrid(settings.default_grid())
     ]
-    # Estimators that support it walk the grid warm-started from the previous point, as
+    # Logistic regression walks the grid warm-started from the previous point, as
     # LogisticRegressionCV does along its C path: several times faster on large feature sets.
-    warm = "warm_start" in template["classifier"].get_params()
+    # (Ensembles also take `warm_start`, but there it means "add trees": a refit with as many
+    # trees would silently fit nothing.)
+    warm = isinstance(template["classifier"], LogisticRegression)
     if warm:
         template.set_params(classifier__warm_start=True)
         grid.sort(

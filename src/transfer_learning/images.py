@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import io
 from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 # Past this size a JPEG is probably a photo far larger than the network's input, and PIL's
 # reduced-scale (draft) decoding beats a full-size decode.
 _DRAFT_WORTHWHILE_BYTES = 64 * 1024
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
 # scikit-learn's bundled digits have no files: the index points at them by position.
 DIGITS_SCHEME = "sklearn-digits:"
@@ -57,27 +60,44 @@ def load_rgb(location: str, min_size: int | None = None) -> Image.Image:
         pixels = _digits_pixels()[int(location[len(DIGITS_SCHEME) :])]
         return Image.fromarray(pixels).convert("RGB")
     with Image.open(location) as image:
-        if min_size is not None and image.format == "JPEG" and image.mode in {"RGB", "L"}:
-            image.draft(image.mode, (min_size, min_size))
-        image.load()  # decode now: the file closes when this block ends
-        return to_rgb(image)
+        return _decoded_rgb(image, min_size)
+
+
+def _decoded_rgb(image: Image.Image, min_size: int | None) -> Image.Image:
+    if min_size is not None and image.format == "JPEG" and image.mode in {"RGB", "L"}:
+        image.draft(image.mode, (min_size, min_size))
+    image.load()  # decode now: the file closes when the caller's block ends
+    return to_rgb(image)
+
+
+def _as_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def decode_image_bytes(data: bytes, min_size: int | None = None) -> torch.Tensor:
+    """Encoded image bytes → uint8 (3, H, W) RGB tensor; files and uploads decode alike.
+
+    Small JPEGs go through torchvision's libjpeg-turbo decoder, about twice as fast as PIL's
+    path here; everything else (large JPEGs, which `min_size` lets PIL decode at 1/2, 1/4 or 1/8
+    scale, other formats, and any JPEG libjpeg-turbo refuses) goes through PIL.
+    """
+    if data[:3] == _JPEG_MAGIC and (min_size is None or len(data) < _DRAFT_WORTHWHILE_BYTES):
+        try:
+            return decode_jpeg(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
+        except RuntimeError:
+            pass  # CMYK, progressive oddities, …: PIL knows more formats
+    with Image.open(io.BytesIO(data)) as image:
+        return _as_tensor(_decoded_rgb(image, min_size))
 
 
 def load_rgb_tensor(location: str, min_size: int | None = None) -> torch.Tensor:
-    """Like `load_rgb`, as a uint8 (3, H, W) tensor.
-
-    Small JPEGs go through torchvision's libjpeg-turbo decoder, about twice as fast as PIL's
-    path here; everything else (and any JPEG it refuses) goes through PIL.
-    """
-    if location.lower().endswith((".jpg", ".jpeg")) and not location.startswith(DIGITS_SCHEME):
-        try:
-            data = read_file(location)
-            if min_size is None or len(data) < _DRAFT_WORTHWHILE_BYTES:
-                return decode_jpeg(data, mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass  # CMYK, progressive oddities, …: PIL knows more formats
-    image = load_rgb(location, min_size)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    """Like `load_rgb`, as a uint8 (3, H, W) tensor (see `decode_image_bytes`)."""
+    if location.startswith(DIGITS_SCHEME):
+        return _as_tensor(load_rgb(location))
+    with open(location, "rb") as stream:
+        return decode_image_bytes(stream.read(), min_size)
 
 
 def unreadable_reason(path: str) -> str | None:

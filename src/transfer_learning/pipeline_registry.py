@@ -1,12 +1,15 @@
-"""Project pipelines.
+"""Project pipelines, assembled from the strategy registry (`strategies.STRATEGIES`).
 
-Each strategy's pipeline runs everything it needs, from ingestion to evaluation, so that
-`kedro run --pipelines=feature_transfer` works on a fresh clone. The pipelines are composed
-from each folder's `create_pipeline` directly rather than through `find_pipelines`, which in
-Kedro 1.7 loads only the pipelines named on the command line and so cannot compose them.
+Each strategy's pipeline runs everything it needs, from ingestion to its evaluation, so that
+`kedro run --pipelines=feature_transfer` works on a fresh clone: the shared stages a strategy
+needs are found from its inputs, not listed by hand. The pipelines are composed here directly
+rather than through `find_pipelines`, which in Kedro 1.7 loads only the pipelines named on the
+command line and so cannot compose them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline
 
@@ -15,30 +18,34 @@ from transfer_learning.pipelines import (
     data_ingestion,
     evaluation,
     feature_extraction,
-    feature_transfer,
-    parameter_transfer,
     predict,
-    structure_transfer,
 )
+from transfer_learning.strategies import STRATEGIES, Strategy
 
 
 def register_pipelines() -> dict[str, Pipeline]:
+    return build_pipelines(STRATEGIES)
+
+
+def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
+    """The named pipelines for `strategies`: the shared stages, one per strategy, the rest."""
     ingestion = data_ingestion.create_pipeline()
-    extraction = ingestion + feature_extraction.create_pipeline()
-    strategies = {
-        "feature_transfer": extraction + feature_transfer.create_pipeline(),
-        "parameter_transfer": ingestion + parameter_transfer.create_pipeline(),
-        "structure_transfer": ingestion + structure_transfer.create_pipeline(),
-    }
-    pipelines = {
+    shared = ingestion + feature_extraction.create_pipeline()
+    names = [strategy.name for strategy in strategies]
+    per_strategy = {}
+    for strategy in strategies:
+        own = strategy.create_pipeline() + evaluation.evaluation_for(strategy.name)
+        # Only the shared stages that produce this strategy's inputs (features or not).
+        per_strategy[strategy.name] = (
+            shared.to_outputs(*(own.inputs() & shared.all_outputs())) + own
+        )
+    compare = comparison.create_pipeline(strategies)
+    return {
         "data_ingestion": ingestion,
-        "feature_extraction": extraction,
-        **{name: p + evaluation.evaluation_for(name) for name, p in strategies.items()},
-        "evaluation": evaluation.create_pipeline(),
-        "comparison": comparison.create_pipeline(),
-        "predict": predict.create_pipeline(),
+        "feature_extraction": shared,
+        **per_strategy,
+        "evaluation": evaluation.create_pipeline(names),
+        "comparison": compare,
+        "predict": predict.create_pipeline(names),
+        "__default__": sum(per_strategy.values(), Pipeline([])) + compare,
     }
-    pipelines["__default__"] = (
-        sum((pipelines[name] for name in strategies), Pipeline([])) + pipelines["comparison"]
-    )
-    return pipelines

@@ -1,18 +1,14 @@
+import numpy as np
+import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.image_index import DataSettings, build_image_index
 from transfer_learning.pipelines.evaluation import evaluation_for
 from transfer_learning.pipelines.parameter_transfer import finetuning_pipeline
 
-RECIPE = {
-    "epochs": 2,
-    "batch_size": 16,
-    "image_size": 32,
-    "hflip": False,
-    "progress": False,
-    "patience": None,
-}
+RECIPE = {"epochs": 2, "batch_size": 16, "hflip": False, "patience": None}
 
 
 def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
@@ -23,15 +19,16 @@ def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
             "image_index": MemoryDataset(index),
             "class_names": MemoryDataset({"classes": classes}),
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 64}),
-            "params:finetune": MemoryDataset({**RECIPE, "checkpoint_dir": str(tmp_path)}),
-            f"params:{strategy}.finetune": MemoryDataset(overrides),
+            "params:finetune": MemoryDataset(RECIPE),
+            "params:training": MemoryDataset({"checkpoint_dir": str(tmp_path), "progress": False}),
+            f"params:{strategy}": MemoryDataset(overrides),
             "params:seed": MemoryDataset(3),
             "params:device": MemoryDataset("cpu"),
         }
     )
     pipeline = finetuning_pipeline(strategy)
     if evaluate:
-        pipeline += evaluation_for(strategy)
+        pipeline += evaluation_for(strategy, register=False)
     outputs = SequentialRunner().run(pipeline, catalog)
     return {
         name: dataset.load()
@@ -41,22 +38,33 @@ def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
 
 
 def test_same_seed_same_metrics_on_cpu(tmp_path):
-    first = run("parameter_transfer", tmp_path, {"init": "pretrained"})[
-        "parameter_transfer.metrics"
-    ]
-    second = run("parameter_transfer", tmp_path, {"init": "pretrained"})[
-        "parameter_transfer.metrics"
-    ]
+    overrides = {"backbone": {"image_size": 32}}
+    first = run("parameter_transfer", tmp_path, overrides)["parameter_transfer.metrics"]
+    second = run("parameter_transfer", tmp_path, overrides)["parameter_transfer.metrics"]
     first.pop("fit_seconds"), second.pop("fit_seconds")
     assert first == second
     assert first["n_test"] == 60 and first["strategy"] == "parameter_transfer"
 
 
-def test_structure_transfer_uses_its_own_overrides(tmp_path):
-    outputs = run("structure_transfer", tmp_path, {"init": "random", "epochs": 1}, evaluate=False)
+def test_structure_transfer_trains_from_random_weights_with_its_own_overrides(tmp_path):
+    overrides = {"backbone": {"pretrained": False, "image_size": 32}, "finetune": {"epochs": 1}}
+    outputs = run("structure_transfer", tmp_path, overrides, evaluate=False)
     summary = outputs["structure_transfer.training_summary"]
-    assert summary["init"] == "random" and summary["epochs_run"] == 1
-    assert summary["image_size"] == 32
+    assert summary["recipe"]["backbone"]["pretrained"] is False and summary["epochs_run"] == 1
+    assert summary["image_size"] == 32 and summary["recipe"]["finetune"]["batch_size"] == 16
     history = outputs["structure_transfer.training_history"]
     assert [point["step"] for point in history["val_accuracy"]] == [1]
-    assert outputs["structure_transfer.test_predictions"]["probabilities"].shape == (60, 10)
+    # The trained network is far from the pretrained one: it did not start there.
+    pretrained = build_backbone(BackboneSettings(image_size=32)).features.state_dict()
+    trained = outputs["structure_transfer.image_model"].network_state
+    kernels = [key for key, tensor in pretrained.items() if tensor.ndim == 4]
+    correlations = [
+        float(
+            torch.corrcoef(
+                torch.stack([pretrained[k].flatten(), trained[f"features.{k}"].flatten()])
+            )[0, 1]
+        )
+        for k in kernels
+    ]
+    assert np.median(np.abs(correlations)) < 0.2
+    assert outputs["structure_transfer.image_model"].classes == [str(d) for d in range(10)]

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from transfer_learning.comparison import comparison_figure, comparison_markdown, comparison_table
+from transfer_learning.comparison import (
+    Control,
+    comparison_figure,
+    comparison_markdown,
+    comparison_table,
+)
 
 
 def compare_strategies(
-    feature_transfer: dict[str, Any],
-    parameter_transfer: dict[str, Any],
-    structure_transfer: dict[str, Any],
+    *reports: dict[str, Any], colours: Mapping[str, str], controls: tuple[Control, ...]
 ) -> tuple[str, Figure]:
-    """comparison.md and a bar chart of accuracy, macro-F1, ECE, train time, trainable parameters."""
-    table = comparison_table([feature_transfer, parameter_transfer, structure_transfer])
-    return comparison_markdown(table), comparison_figure(table)
+    """comparison.md and a bar chart of accuracy, macro-F1, ECE, train time, trainable parameters.
+
+    `reports` are the strategies' `<strategy>.metrics`, any number of them, in registry order.
+    """
+    table = comparison_table(reports)
+    return comparison_markdown(table, controls), comparison_figure(table, colours)

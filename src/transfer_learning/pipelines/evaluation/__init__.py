@@ -1,5 +1,5 @@
 """Evaluation: the same test-split metrics and plots for every strategy."""
 
-from .pipeline import STRATEGIES, create_pipeline, evaluation_for
+from .pipeline import create_pipeline, evaluation_for
 
-__all__ = ["STRATEGIES", "create_pipeline", "evaluation_for"]
+__all__ = ["create_pipeline", "evaluation_for"]

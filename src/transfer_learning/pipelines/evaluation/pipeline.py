@@ -1,32 +1,64 @@
-"""The evaluation pipeline: one template, instantiated once per strategy under its namespace."""
+"""The evaluation pipeline: one template, instantiated once per strategy under its namespace.
+
+Every strategy's pipeline ends in `<strategy>.image_model` (the deployable model) and
+`<strategy>.training_summary`; this template scores the test split with that model, evaluates it,
+and (in a strategy's run) registers it in MLflow.
+"""
+
+from collections.abc import Sequence
+from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import evaluate_test_predictions
+from .nodes import (
+    evaluate_test_predictions,
+    register_image_model,
+    score_test_split,
+    select_test_split,
+)
 
-STRATEGIES = ("feature_transfer", "parameter_transfer", "structure_transfer")
 
+def evaluation_for(strategy: str, register: bool = True) -> Pipeline:
+    """Evaluation of `strategy`'s image model, reading and writing `<strategy>.*` datasets.
 
-def evaluation_for(strategy: str) -> Pipeline:
-    """Evaluation of `strategy`'s test predictions, reading and writing `<strategy>.*` datasets."""
-    template = Pipeline(
-        [
-            Node(
-                func=evaluate_test_predictions,
-                inputs=["test_predictions", "training_summary", "class_names"],
-                outputs=[
-                    "metrics",
-                    "per_class_metrics",
-                    "confusion_matrix",
-                    "reliability_diagram",
-                    "mlflow_metrics",
-                ],
-                name="evaluate_test_predictions",
-            )
-        ]
+    `register=False` re-evaluates stored models without registering new MLflow versions.
+    """
+    evaluate = update_wrapper(
+        partial(evaluate_test_predictions, strategy=strategy), evaluate_test_predictions
     )
-    return Pipeline(template, namespace=strategy, inputs={"class_names"})
+    nodes = [
+        Node(select_test_split, "image_index", "test_index", name="select_test_split"),
+        Node(
+            score_test_split,
+            ["image_model", "test_index"],
+            "test_predictions",
+            name="score_test_split",
+        ),
+        Node(
+            evaluate,
+            ["test_predictions", "training_summary", "class_names"],
+            [
+                "metrics",
+                "per_class_metrics",
+                "confusion_matrix",
+                "reliability_diagram",
+                "mlflow_metrics",
+            ],
+            name="evaluate_test_predictions",
+        ),
+    ]
+    if register:
+        nodes.append(
+            Node(
+                register_image_model,
+                "image_model",
+                "registered_image_model",
+                name="register_image_model",
+            )
+        )
+    return Pipeline(nodes, namespace=strategy, inputs={"image_index", "class_names"})
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    return sum((evaluation_for(strategy) for strategy in STRATEGIES), Pipeline([]))
+def create_pipeline(strategies: Sequence[str] = (), **kwargs) -> Pipeline:
+    """Re-evaluate the stored image models of `strategies` (no new MLflow registrations)."""
+    return sum((evaluation_for(name, register=False) for name in strategies), Pipeline([]))

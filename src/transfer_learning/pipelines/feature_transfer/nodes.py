@@ -9,7 +9,6 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.evaluation import align_probabilities
 from transfer_learning.heads import HeadSettings, select_and_fit
 from transfer_learning.serving import ImageClassifier
 
@@ -18,14 +17,13 @@ logger = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 
 
-def split_features(image_features: Arrays) -> tuple[Arrays, Arrays, Arrays]:
-    """Features, labels and locations of the train, val and test splits, each on its own.
+def split_features(image_features: Arrays) -> tuple[Arrays, Arrays]:
+    """Features, labels and locations of the train and val splits, each on its own.
 
-    Keeping test in a separate dataset is what lets the pipeline show that only the
-    evaluation nodes ever read it.
+    Test rows stay behind: evaluation scores the test images with the packaged model.
     """
     parts = []
-    for split in ("train", "val", "test"):
+    for split in ("train", "val"):
         rows = image_features["split"] == split
         parts.append(
             {
@@ -80,33 +78,13 @@ def _head_parameter_count(model: Pipeline) -> int:
     return int(np.size(coef) + (np.size(intercept) if intercept is not None else 0))
 
 
-def predict_test_split(
-    head_model: Pipeline, test_features: Arrays, class_names: dict[str, list[str]]
-) -> Arrays:
-    """Class probabilities on the test split, one column per class id."""
-    probabilities = align_probabilities(
-        head_model.predict_proba(test_features["features"]),
-        head_model.classes_,
-        len(class_names["classes"]),
-    )
-    return {
-        "label": test_features["label"],
-        "probabilities": probabilities,
-        "location": test_features["location"],
-    }
-
-
 def package_image_model(
     head_model: Pipeline, class_names: dict[str, list[str]], backbone: dict[str, Any]
-) -> tuple[ImageClassifier, ImageClassifier]:
-    """The deployable images → probabilities model: backbone weights, preprocessing and head.
-
-    Returned twice: the versioned local copy (read by the predict pipeline) and the copy logged
-    and registered in MLflow.
-    """
+) -> ImageClassifier:
+    """The deployable images → probabilities model: backbone weights, preprocessing and head."""
     settings = BackboneSettings.from_params(backbone)
     features = build_backbone(settings)
-    model = ImageClassifier(
+    return ImageClassifier(
         strategy="feature_transfer",
         classes=class_names["classes"],
         backbone_name=features.name,
@@ -114,4 +92,3 @@ def package_image_model(
         network_state=features.features.state_dict(),
         head=head_model,
     )
-    return model, model

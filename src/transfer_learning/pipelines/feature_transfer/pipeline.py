@@ -1,12 +1,12 @@
-"""The feature_transfer pipeline: features → head fitted on train, chosen on val → test predictions.
+"""The feature_transfer pipeline: features → head fitted on train, chosen on val → image model.
 
 Its datasets live under the `feature_transfer.` namespace, like every strategy's, so that the
-shared evaluation reads `feature_transfer.test_predictions` and `feature_transfer.training_summary`.
+shared evaluation reads `feature_transfer.image_model` and `feature_transfer.training_summary`.
 """
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import fit_head, package_image_model, predict_test_split, split_features
+from .nodes import fit_head, package_image_model, split_features
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -15,7 +15,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=split_features,
                 inputs="image_features",
-                outputs=["train_features", "val_features", "test_features"],
+                outputs=["train_features", "val_features"],
                 name="split_features",
             ),
             Node(
@@ -25,15 +25,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="fit_head",
             ),
             Node(
-                func=predict_test_split,
-                inputs=["model", "test_features", "class_names"],
-                outputs="test_predictions",
-                name="predict_test_split",
-            ),
-            Node(
                 func=package_image_model,
                 inputs=["model", "class_names", "params:backbone"],
-                outputs=["image_model", "registered_image_model"],
+                outputs="image_model",
                 name="package_image_model",
             ),
         ]

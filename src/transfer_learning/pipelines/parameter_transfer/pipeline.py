@@ -4,34 +4,41 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import package_image_model, predict_test_split, split_index, train_model
+from .nodes import package_image_model, resolve_recipe, split_train_val, train_model
+
+
+def _for_strategy(function, strategy: str):
+    return update_wrapper(partial(function, strategy=strategy), function)
 
 
 def finetuning_pipeline(strategy: str) -> Pipeline:
-    """Train → best-on-val checkpoint → test predictions, under the `strategy` namespace.
+    """Recipe → train → best-on-val checkpoint → image model, under the `strategy` namespace.
 
-    The shared `finetune` recipe is overridden by the strategy's own `<strategy>.finetune`;
-    backbone, seed and device are shared with the other pipelines.
+    The shared `backbone` and `finetune` blocks are overridden by the `<strategy>` block's own
+    `backbone` and `finetune` keys; `training`, seed and device are shared.
     """
-    train = update_wrapper(partial(train_model, strategy=strategy), train_model)
-    package = update_wrapper(partial(package_image_model, strategy=strategy), package_image_model)
     nodes = Pipeline(
         [
             Node(
-                func=split_index,
+                func=split_train_val,
                 inputs="image_index",
-                outputs=["train_index", "val_index", "test_index"],
-                name="split_index",
+                outputs=["train_index", "val_index"],
+                name="split_train_val",
             ),
             Node(
-                func=train,
+                func=_for_strategy(resolve_recipe, strategy),
+                inputs=["params:backbone", "params:finetune", "params:overrides"],
+                outputs="recipe",
+                name="resolve_recipe",
+            ),
+            Node(
+                func=_for_strategy(train_model, strategy),
                 inputs=[
                     "train_index",
                     "val_index",
                     "class_names",
-                    "params:backbone",
-                    "params:finetune",
-                    "params:finetune_overrides",
+                    "recipe",
+                    "params:training",
                     "params:seed",
                     "params:device",
                 ],
@@ -39,29 +46,21 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
                 name="train_model",
             ),
             Node(
-                func=predict_test_split,
-                inputs=["model", "test_index", "params:device"],
-                outputs="test_predictions",
-                name="predict_test_split",
-            ),
-            Node(
-                func=package,
+                func=_for_strategy(package_image_model, strategy),
                 inputs=["model", "class_names"],
-                outputs=["image_model", "registered_image_model"],
+                outputs="image_model",
                 name="package_image_model",
             ),
         ]
     )
+    shared = ("backbone", "finetune", "training", "seed", "device")
     return Pipeline(
         nodes,
         namespace=strategy,
         inputs={"image_index", "class_names"},
         parameters={
-            "params:backbone": "params:backbone",
-            "params:seed": "params:seed",
-            "params:device": "params:device",
-            "params:finetune": "params:finetune",
-            "params:finetune_overrides": f"params:{strategy}.finetune",
+            **{f"params:{name}": f"params:{name}" for name in shared},
+            "params:overrides": f"params:{strategy}",
         },
     )
 

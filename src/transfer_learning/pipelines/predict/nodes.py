@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from transfer_learning.config import require_known_keys
 from transfer_learning.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -18,8 +20,17 @@ class PredictError(ValueError):
     """The images to label cannot be found."""
 
 
-def list_images(predict: dict[str, Any]) -> pd.DataFrame:
-    """Every image file under `predict.path` (any nesting), sorted."""
+def list_images(predict: dict[str, Any], strategies: Sequence[str]) -> pd.DataFrame:
+    """Every image file under `predict.path` (any nesting), sorted.
+
+    `predict.strategy` (read by the catalog's `predict_model`) must name a registered strategy.
+    """
+    require_known_keys(predict, ["path", "strategy"], "predict", PredictError)
+    strategy = predict.get("strategy")
+    if strategy is not None and strategy not in strategies:
+        raise PredictError(
+            f"predict.strategy={strategy!r} is not a strategy; use one of {', '.join(strategies)}."
+        )
     path = predict.get("path")
     if not path:
         raise PredictError(

@@ -5,16 +5,22 @@ The model is `predict_model` in the catalog: the latest `image_model` of the str
 `--load-versions=predict_model:<version>`.
 """
 
+from collections.abc import Sequence
+from functools import partial, update_wrapper
+
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import list_images, predict_images
 
 
-def create_pipeline(**kwargs) -> Pipeline:
+def create_pipeline(strategies: Sequence[str] = (), **kwargs) -> Pipeline:
+    """`strategies`: the registered strategy names that predict.strategy may name."""
     return Pipeline(
         [
             Node(
-                func=list_images,
+                func=update_wrapper(
+                    partial(list_images, strategies=tuple(strategies)), list_images
+                ),
                 inputs="params:predict",
                 outputs="images_to_label",
                 name="list_images",

@@ -1,5 +1,5 @@
 """The structure_transfer pipeline: parameter_transfer's template with its own parameters
-(`structure_transfer.finetune.init: random`, more epochs, a higher learning rate)."""
+(`structure_transfer.backbone.pretrained: false`, more epochs, a higher learning rate)."""
 
 from kedro.pipeline import Pipeline
 

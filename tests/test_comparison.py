@@ -1,0 +1,71 @@
+"""The comparison report for any number of strategies."""
+
+from __future__ import annotations
+
+from matplotlib.colors import to_rgba
+
+from transfer_learning.comparison import (
+    FALLBACK_COLOUR,
+    Control,
+    comparison_figure,
+    comparison_markdown,
+    comparison_table,
+)
+
+
+def report(strategy: str, accuracy: float, **extra) -> dict:
+    values = {"macro_f1": accuracy - 0.01, "ece": 0.05, "fit_seconds": 12.5}
+    return {
+        "strategy": strategy,
+        "accuracy": accuracy,
+        "trainable_parameters": 1000,
+        **values,
+        **extra,
+    }
+
+
+REPORTS = [
+    report("feature_transfer", 0.90),
+    report("parameter_transfer", 0.955),
+    report("structure_transfer", 0.93),
+    report("nearest_neighbour_transfer", 0.80),
+]
+CONTROL = Control(
+    "parameter_transfer", "structure_transfer", "what the pretrained weights are worth here"
+)
+
+
+def test_every_strategy_gets_a_row_in_the_order_given():
+    markdown = comparison_markdown(comparison_table(REPORTS), [CONTROL])
+    rows = [
+        line for line in markdown.splitlines() if line.startswith("| ") and "strategy" not in line
+    ]
+    assert [row.split(" | ")[0][2:] for row in rows] == [r["strategy"] for r in REPORTS]
+    assert "| parameter_transfer | 0.9550 | 0.9450 | 0.0500 | 12.5 | 1,000 |" in rows
+    assert "Best test accuracy: **parameter_transfer**" in markdown
+    # 0.955 − 0.93 = 2.5 points.
+    assert (
+        "What the pretrained weights are worth here: parameter_transfer − structure_transfer "
+        "= +2.5 accuracy points." in markdown
+    )
+
+
+def test_a_control_without_its_pair_is_left_out():
+    markdown = comparison_markdown(comparison_table(REPORTS[:2]), [CONTROL])
+    assert "worth" not in markdown
+
+
+def test_the_chart_has_a_bar_per_strategy_in_its_colour():
+    colours = {
+        "feature_transfer": "#4C72B0",
+        "parameter_transfer": "#DD8452",
+        "structure_transfer": "#55A868",
+    }
+    figure = comparison_figure(comparison_table(REPORTS), colours)
+    assert len(figure.axes) == 5
+    for axes in figure.axes:
+        assert [bar.get_facecolor() for bar in axes.patches] == [
+            to_rgba(c) for c in (*colours.values(), FALLBACK_COLOUR)
+        ]
+    accuracy = [bar.get_height() for bar in figure.axes[0].patches]
+    assert accuracy == [0.90, 0.955, 0.93, 0.80]

@@ -1,0 +1,79 @@
+"""The project's own Kedro datasets: versioned, atomic, and safe to load."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kedro.io import DatasetError, Version
+
+from transfer_learning.datasets import ArraysDataset, TorchCheckpointDataset, write_atomically
+
+
+def test_arrays_round_trip_and_versions_never_overwrite(tmp_path):
+    path = str(tmp_path / "features.npz")
+    first = {
+        "features": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "split": np.array(["a", "b"]),
+    }
+    ArraysDataset(path, version=Version(None, "2026-01-01T00.00.00.000Z")).save(first)
+    second = {"features": np.zeros((1, 3), dtype=np.float32), "split": np.array(["c"])}
+    ArraysDataset(path, version=Version(None, "2026-01-02T00.00.00.000Z")).save(second)
+
+    latest = ArraysDataset(path, version=Version(None, None)).load()
+    older = ArraysDataset(path, version=Version("2026-01-01T00.00.00.000Z", None)).load()
+    np.testing.assert_array_equal(latest["features"], second["features"])
+    np.testing.assert_array_equal(older["features"], first["features"])
+    assert older["split"].tolist() == ["a", "b"]
+    with pytest.raises(DatasetError):  # a version is written once
+        ArraysDataset(path, version=Version(None, "2026-01-02T00.00.00.000Z")).save(first)
+
+
+def test_arrays_that_need_pickle_are_refused_on_load(tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, payload=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DatasetError, match="allow_pickle"):
+        ArraysDataset(str(path)).load()
+
+
+def test_a_failed_write_keeps_the_earlier_file(tmp_path):
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"earlier")
+
+    def broken(stream):
+        stream.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomically(target, broken)
+    assert target.read_bytes() == b"earlier"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no partial file left
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    payload = _RunsCode()
+    payload.marker = str(marker)
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": payload}, path)
+    assert pickle.loads(pickle.dumps(payload)) is None and marker.exists()  # the payload works
+    marker.unlink()
+    with pytest.raises(DatasetError, match="Weights only load failed"):
+        TorchCheckpointDataset(str(path)).load()
+    assert not marker.exists()
+
+
+def test_checkpoints_round_trip(tmp_path):
+    data = {"state_dict": {"w": torch.ones(2, 2)}, "n_classes": 3, "backbone_name": "x"}
+    dataset = TorchCheckpointDataset(str(tmp_path / "model.pt"))
+    dataset.save(data)
+    loaded = dataset.load()
+    assert loaded["n_classes"] == 3 and torch.equal(loaded["state_dict"]["w"], torch.ones(2, 2))

@@ -1,0 +1,154 @@
+"""The deployable image model: one code path for test scoring, predict and MLflow serving."""
+
+from __future__ import annotations
+
+import base64
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
+from torchvision.transforms import v2
+
+from transfer_learning.backbones import BackboneSettings, build_backbone
+from transfer_learning.finetune import build_classifier
+from transfer_learning.serving import ImageClassifier, probability_matrix
+
+CLASSES = ["china", "flower", "other"]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[str]:
+    """scikit-learn's two real photos as a JPEG and a PNG, plus a smaller crop of each."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i, pixels in enumerate(load_sample_images().images):
+        image = Image.fromarray(pixels)
+        for suffix, picture in ((".jpg", image), (".png", image.crop((40, 30, 240, 180)))):
+            path = folder / f"{i}{suffix}"
+            picture.save(path)
+            paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def fine_tuned() -> ImageClassifier:
+    settings = BackboneSettings(image_size=SIZE)
+    model, _ = build_classifier(settings, len(CLASSES), seed=1)
+    return ImageClassifier("parameter_transfer", CLASSES, settings.name, SIZE, model.state_dict())
+
+
+def reference_probabilities(model: ImageClassifier, paths: list[str]) -> np.ndarray:
+    """A second implementation: torchvision's own transforms, one image at a time, numpy softmax."""
+    settings = BackboneSettings(image_size=SIZE, pretrained=False)
+    network, backbone = build_classifier(settings, len(CLASSES), seed=0)
+    network.load_state_dict(model.network_state)
+    p = backbone.preprocessing
+    transform = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(SIZE, interpolation=v2.InterpolationMode(p.interpolation), antialias=True),
+            v2.CenterCrop(SIZE),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(p.mean, p.std),
+        ]
+    )
+    rows = []
+    with torch.inference_mode():
+        for path in paths:
+            with Image.open(path) as image:
+                logits = network.eval()(transform(image.convert("RGB"))[None]).double().numpy()[0]
+            exp = np.exp(logits - logits.max())
+            rows.append(exp / exp.sum())
+    return np.array(rows)
+
+
+def test_probabilities_match_an_independent_preprocessing(fine_tuned, photos):
+    predicted = fine_tuned.predict(pd.DataFrame({"path": photos}))
+    probabilities = probability_matrix(predicted)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(
+        probabilities, reference_probabilities(fine_tuned, photos), atol=2e-3
+    )
+    assert list(predicted.columns) == [
+        "predicted_class",
+        *[f"probability_{c}" for c in CLASSES],
+        "error",
+    ]
+    assert predicted["predicted_class"].tolist() == [CLASSES[i] for i in probabilities.argmax(1)]
+
+
+def test_paths_and_base64_bytes_give_the_same_answer(fine_tuned, photos):
+    by_path = fine_tuned.predict(pd.DataFrame({"path": photos}))
+    encoded = [base64.b64encode(open(path, "rb").read()).decode() for path in photos]
+    by_bytes = fine_tuned.predict(pd.DataFrame({"image": encoded}))
+    pd.testing.assert_frame_equal(by_path, by_bytes)
+
+
+def test_unreadable_rows_are_reported_and_the_rest_scored(fine_tuned, photos, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    frame = pd.DataFrame({"path": [photos[0], str(broken), None, photos[1]]})
+    predicted = fine_tuned.predict(frame)
+    assert predicted["error"][0] == "" and predicted["error"][3] == ""
+    assert "cannot identify image file" in predicted["error"][1]
+    assert "needs a 'path' or a base64 'image'" in predicted["error"][2]
+    assert (
+        predicted["predicted_class"][1] == "" and np.isnan(probability_matrix(predicted)[1]).all()
+    )
+    alone = fine_tuned.predict(pd.DataFrame({"path": [photos[0], photos[1]]}))
+    np.testing.assert_allclose(
+        probability_matrix(predicted)[[0, 3]], probability_matrix(alone), atol=1e-6
+    )
+
+
+def test_batches_do_not_change_the_answer(fine_tuned, photos):
+    whole = probability_matrix(fine_tuned.predict(pd.DataFrame({"path": photos})))
+    small = ImageClassifier(
+        "parameter_transfer",
+        CLASSES,
+        "efficientnet_lite0",
+        SIZE,
+        fine_tuned.network_state,
+        batch_size=1,
+    )
+    np.testing.assert_allclose(
+        probability_matrix(small.predict(pd.DataFrame({"path": photos}))), whole, atol=1e-5
+    )
+
+
+def test_a_pickled_model_predicts_alike_and_carries_no_built_network(fine_tuned, photos):
+    frame = pd.DataFrame({"path": photos})
+    expected = fine_tuned.predict(frame)  # builds the network
+    state = pickle.dumps(fine_tuned)
+    restored = pickle.loads(state)
+    assert (
+        restored._network is None
+        and len(state)
+        < 1.2 * sum(t.numel() * t.element_size() for t in fine_tuned.network_state.values()) + 10**6
+    )
+    pd.testing.assert_frame_equal(restored.predict(frame), expected)
+
+
+def test_a_scikit_learn_head_on_features(photos):
+    from sklearn.linear_model import LogisticRegression
+
+    backbone = build_backbone(BackboneSettings(image_size=SIZE))
+    rng = np.random.default_rng(0)
+    # Class 2 is absent from the head's training labels: its column must be 0, not shifted.
+    head = LogisticRegression().fit(rng.normal(size=(20, 1280)), np.arange(20) % 2)
+    model = ImageClassifier(
+        "feature_transfer",
+        CLASSES,
+        "efficientnet_lite0",
+        SIZE,
+        backbone.features.state_dict(),
+        head,
+    )
+    probabilities = probability_matrix(model.predict(pd.DataFrame({"path": photos})))
+    assert (probabilities[:, 2] == 0).all()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-12)

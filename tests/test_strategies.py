@@ -1,0 +1,60 @@
+"""The strategy registry: a new strategy is one module plus one registry entry."""
+
+from __future__ import annotations
+
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from tests import toy_strategy
+from transfer_learning.pipeline_registry import build_pipelines, register_pipelines
+from transfer_learning.strategies import STRATEGIES, STRATEGY_NAMES, Strategy
+
+TOY = Strategy(
+    toy_strategy.NAME, "features → k nearest neighbours", "#C44E52", toy_strategy.create_pipeline
+)
+
+
+def node_names(pipeline) -> set[str]:
+    return {node.name for node in pipeline.nodes}
+
+
+def test_registry_names_the_three_strategies_once():
+    assert STRATEGY_NAMES == ("feature_transfer", "parameter_transfer", "structure_transfer")
+    pipelines = register_pipelines()
+    assert set(STRATEGY_NAMES) <= set(pipelines)
+    # Each strategy's pipeline pulls in only the shared stages its inputs need.
+    assert "extract_image_features" in node_names(pipelines["feature_transfer"])
+    assert "extract_image_features" not in node_names(pipelines["parameter_transfer"])
+    assert "index_images" in node_names(pipelines["parameter_transfer"])
+    assert {f"{name}.score_test_split" for name in STRATEGY_NAMES} <= node_names(
+        pipelines["__default__"]
+    )
+
+
+def test_a_toy_strategy_runs_through_evaluation_and_comparison():
+    pipelines = build_pipelines((STRATEGIES[0], TOY))
+    assert {"extract_image_features", f"{TOY.name}.evaluate_test_predictions"} <= node_names(
+        pipelines[TOY.name]
+    )
+    catalog = DataCatalog(
+        {
+            "params:data": MemoryDataset({"source": "digits"}),
+            "params:seed": MemoryDataset(0),
+            "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 32}),
+            "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
+            "params:device": MemoryDataset("cpu"),
+            "params:head": MemoryDataset({"type": "logistic_regression", "grid": {"C": [0.1]}}),
+        }
+    )
+    outputs = SequentialRunner().run(pipelines["__default__"], catalog)
+    report = outputs["comparison_report"].load()
+    assert f"| {TOY.name} |" in report and "| feature_transfer |" in report
+    chart = outputs["comparison_chart"].load()
+    toy_bars = [
+        bar
+        for bar in chart.axes[0].patches
+        if bar.get_facecolor()[:3] == (196 / 255, 78 / 255, 82 / 255)
+    ]
+    assert len(toy_bars) == 1
+    toy_metrics = outputs[f"{TOY.name}.mlflow_metrics"].load()
+    assert toy_metrics["accuracy"]["value"] > 0.5 and toy_metrics["n_test"]["value"] == 360
