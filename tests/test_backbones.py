@@ -3,7 +3,13 @@ import torch
 from sklearn.datasets import load_sample_images
 from torchvision.models import ResNet18_Weights
 
-from transfer_learning.backbones import BackboneError, BackboneSettings, build_backbone
+from transfer_learning.backbones import (
+    BackboneError,
+    BackboneSettings,
+    auto_image_size,
+    build_backbone,
+    resolve_image_size,
+)
 from transfer_learning.extraction import EvalTransform, Normaliser
 
 IMAGENET = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
@@ -21,14 +27,16 @@ def imagenet_top5(backbone) -> list[list[str]]:
 
 
 def test_default_weights_are_real_imagenet_weights():
-    china, flower = imagenet_top5(build_backbone(BackboneSettings()))
+    china, flower = imagenet_top5(build_backbone(BackboneSettings(image_size=None)))
     assert "palace" in china
     assert "daisy" in flower
 
 
 def test_random_initialisation_does_not_recognise_the_photos():
     torch.manual_seed(0)
-    china, flower = imagenet_top5(build_backbone(BackboneSettings(pretrained=False)))
+    china, flower = imagenet_top5(
+        build_backbone(BackboneSettings(image_size=None, pretrained=False))
+    )
     assert not ("palace" in china and "daisy" in flower)
 
 
@@ -42,7 +50,9 @@ def test_backbone_reports_its_preprocessing_and_width():
 
 
 def test_torchvision_family_without_download():
-    backbone = build_backbone(BackboneSettings(name="torchvision/resnet18", pretrained=False))
+    backbone = build_backbone(
+        BackboneSettings(name="torchvision/resnet18", image_size=None, pretrained=False)
+    )
     assert backbone.feature_dim == 512
     assert backbone.preprocessing.image_size == 224
     with torch.inference_mode():
@@ -52,7 +62,9 @@ def test_torchvision_family_without_download():
 
 def test_local_weights_file_round_trips(tmp_path):
     torch.manual_seed(3)
-    source = build_backbone(BackboneSettings(name="torchvision/resnet18", pretrained=False))
+    source = build_backbone(
+        BackboneSettings(name="torchvision/resnet18", image_size=None, pretrained=False)
+    )
     from torchvision.models import resnet18
 
     reference = resnet18()
@@ -64,7 +76,9 @@ def test_local_weights_file_round_trips(tmp_path):
     )
     path = tmp_path / "resnet18.pt"
     torch.save(reference.state_dict(), path)
-    loaded = build_backbone(BackboneSettings(name="torchvision/resnet18", weights_path=str(path)))
+    loaded = build_backbone(
+        BackboneSettings(name="torchvision/resnet18", image_size=None, weights_path=str(path))
+    )
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         assert torch.allclose(loaded.full_network()(x), reference.eval()(x), atol=1e-5)
@@ -77,7 +91,9 @@ def test_weights_of_another_architecture_name_the_first_mismatch(tmp_path):
     path = tmp_path / "ten_classes.pt"
     torch.save(other.state_dict(), path)
     with pytest.raises(BackboneError, match=r"tensor 'fc.weight' has shape \(10, 512\)"):
-        build_backbone(BackboneSettings(name="torchvision/resnet18", weights_path=str(path)))
+        build_backbone(
+            BackboneSettings(name="torchvision/resnet18", image_size=None, weights_path=str(path))
+        )
 
 
 def test_missing_weights_file():
@@ -95,3 +111,30 @@ def test_offline_download_names_the_offline_choices(monkeypatch, tmp_path):
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     with pytest.raises(BackboneError, match="Offline choices: backbone.name=efficientnet_lite0"):
         build_backbone(BackboneSettings(name="torchvision/resnet18"))
+
+
+@pytest.mark.parametrize(
+    "short_side,expected",
+    [
+        (8, 48),  # digits: 4x would be 32; never below 48
+        (20, 80),  # 4x
+        (32, 128),  # CIFAR: 4x
+        (50, 208),  # 4x, rounded up to a multiple of 16
+        (100, 224),  # 4x would pass the native size
+        (375, 224),  # photos: the native size
+        (None, 224),  # nothing known: the native size
+    ],
+)
+def test_auto_image_size(short_side, expected):
+    assert auto_image_size(224, short_side) == expected
+
+
+def test_auto_resolves_against_the_networks_own_size():
+    resolved = resolve_image_size(BackboneSettings(name="torchvision/resnet18"), 300)
+    assert resolved.image_size == 224 and resolved.name == "torchvision/resnet18"
+    assert resolve_image_size(BackboneSettings(image_size=96), 8).image_size == 96
+    assert resolve_image_size(BackboneSettings(image_size=None), 8).image_size == 224
+    with pytest.raises(BackboneError, match="resolve it from the data first"):
+        build_backbone(BackboneSettings(image_size="auto"))
+    with pytest.raises(BackboneError, match="backbone.image_size='big' must be 'auto'"):
+        BackboneSettings.from_params({"image_size": "big"})

@@ -25,9 +25,9 @@ def report(strategy: str, accuracy: float, **extra) -> dict:
 
 
 REPORTS = [
-    report("feature_transfer", 0.90),
-    report("parameter_transfer", 0.955),
-    report("structure_transfer", 0.93),
+    report("feature_transfer", 0.90, image_size=224),
+    report("parameter_transfer", 0.955, image_size=224),
+    report("structure_transfer", 0.93, image_size=224),
     report("nearest_neighbour_transfer", 0.80),
 ]
 CONTROL = Control(
@@ -41,7 +41,8 @@ def test_every_strategy_gets_a_row_in_the_order_given():
         line for line in markdown.splitlines() if line.startswith("| ") and "strategy" not in line
     ]
     assert [row.split(" | ")[0][2:] for row in rows] == [r["strategy"] for r in REPORTS]
-    assert "| parameter_transfer | 0.9550 | 0.9450 | 0.0500 | 12.5 | 1,000 |" in rows
+    assert "| parameter_transfer | 0.9550 | 0.9450 | 0.0500 | 12.5 | 1,000 | 224 |" in rows
+    assert rows[-1].endswith("| 1,000 | – |")  # a strategy that reports no image size
     assert "Best test accuracy: **parameter_transfer**" in markdown
     # 0.955 − 0.93 = 2.5 points.
     assert (

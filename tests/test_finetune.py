@@ -283,3 +283,32 @@ def test_strategy_overrides_win_over_the_shared_blocks():
     )
     assert resolved.backbone == BackboneSettings(image_size=64, pretrained=False)
     assert resolved.finetune.lr == 0.5 and resolved.finetune.epochs == 3
+
+
+@pytest.mark.parametrize(
+    "n_train,batch_size,epochs",
+    [
+        (40, 16, 60),  # 2 steps an epoch: 100 epochs would reach 200 steps; capped at 60
+        (240, 16, 14),  # two classes of ~120 photos: 15 steps an epoch → 14 epochs ≥ 200 steps
+        (1149, 64, 12),  # digits: 17 steps an epoch
+        (50_000, 64, 3),  # 781 steps an epoch: the minimum 3 epochs, not 200 steps' worth
+    ],
+)
+def test_the_step_budget_sets_batch_size_and_epochs(n_train, batch_size, epochs):
+    resolved = FinetuneSettings(steps=200).resolve(n_train, mirror_symmetric=True)
+    assert (resolved.batch_size, resolved.epochs) == (batch_size, epochs)
+
+
+def test_explicit_values_win_over_auto_and_flips_follow_the_data():
+    settings = FinetuneSettings(epochs=5, batch_size=8, hflip="auto")
+    assert settings.resolve(10_000, mirror_symmetric=False) == replace(settings, hflip=False)
+    assert FinetuneSettings().resolve(100, mirror_symmetric=True).hflip is True
+    assert FinetuneSettings(hflip=False).resolve(100, mirror_symmetric=True).hflip is False
+
+
+def test_a_recipe_resolves_every_auto_from_the_data_profile():
+    profile = {"typical_short_side": 32, "n_train": 800, "mirror_symmetric": True}
+    recipe = Recipe.from_params({}, {}, {}, "parameter_transfer").resolve(profile)
+    assert recipe.backbone.image_size == 128  # 32 px enlarged 4x
+    assert recipe.finetune.batch_size == 32 and recipe.finetune.epochs == 8
+    assert recipe.finetune.hflip is True

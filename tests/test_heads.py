@@ -70,3 +70,47 @@ def test_an_ensemble_head_is_really_refitted_on_train_and_val(splits):
     # A bootstrap draws as many rows as it is given: 450 from train+val, 300 from train alone.
     root_weight = fitted.model[-1].estimators_[0].tree_.weighted_n_node_samples[0]
     assert root_weight == len(train[1]) + len(val[1])
+
+
+def separable(n_per_class: int, seed: int):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], n_per_class)
+    features = rng.normal(size=(len(labels), 8)) + 6.0 * np.eye(3, 8)[labels]
+    return features, labels
+
+
+def test_ties_on_accuracy_go_to_the_lower_log_loss_not_to_grid_order():
+    train, val = separable(40, 0), separable(60, 1)
+    settings = HeadSettings(grid={"C": [0.001, 1.0]}, selection="val")
+    fitted = select_and_fit(train, val, settings, seed=0)
+    first, second = fitted.search
+    # Both are perfect on val; the stronger fit is the more confident one.
+    assert first["val_accuracy"] == second["val_accuracy"] == 1.0
+    assert second["val_log_loss"] < first["val_log_loss"]
+    assert fitted.best_params == {"C": 1.0} and fitted.selection == "val"
+
+
+def test_small_val_is_replaced_by_cross_validation_on_train_and_val(splits):
+    train, _, _ = splits
+    small_val = (train[0][:30], train[1][:30])  # about 10 per class
+    fitted = select_and_fit(
+        (train[0][30:], train[1][30:]), small_val, HeadSettings(grid={"C": [0.01, 1.0]}), seed=0
+    )
+    assert fitted.selection == "cv"
+    for row in fitted.search:
+        assert 0 < row["val_accuracy_std"] < 0.2 and row["val_log_loss"] > 0
+    _, val, test = splits
+    about_100_per_class = (np.concatenate([val[0], test[0]]), np.concatenate([val[1], test[1]]))
+    large_val = select_and_fit(
+        train, about_100_per_class, HeadSettings(grid={"C": [0.01, 1.0]}), seed=0
+    )
+    assert large_val.selection == "val" and large_val.search[0]["val_accuracy_std"] == 0
+
+
+def test_cross_validation_is_seeded_and_refits_on_everything(splits):
+    train, val, _ = splits
+    settings = HeadSettings(grid={"C": [0.01, 0.1, 1.0]}, selection="cv", cv_folds=3)
+    first = select_and_fit(train, val, settings, seed=4)
+    again = select_and_fit(train, val, settings, seed=4)
+    assert first.search == again.search and first.best_params == again.best_params
+    assert first.model["scale"].n_samples_seen_ == len(train[1]) + len(val[1])

@@ -1,7 +1,14 @@
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
-from transfer_learning.image_index import DataSettings, DataSourceError, build_image_index
+from transfer_learning.image_index import (
+    DataSettings,
+    DataSourceError,
+    build_image_index,
+    profile_images,
+)
 
 
 def index(**params):
@@ -144,3 +151,42 @@ def test_the_cifar10_jpeg_tree_indexes_with_its_splits(cifar10_tree):
     ]
     assert skipped.empty
     assert (frame.groupby("class_name").size() == 6_000).all()
+
+
+def test_the_data_profile_of_the_digits():
+    frame, _, _ = index()
+    profile = profile_images(frame, DataSettings(), seed=0)
+    assert profile["typical_short_side"] == profile["typical_long_side"] == 8
+    assert profile["mirror_symmetric"] is False  # mirrored digits are other digits
+    assert profile["n_train"] == 1149 and profile["n_val"] == 288
+    assert profile["min_val_per_class"] == 28
+
+
+def test_the_data_profile_reads_sizes_from_headers(tmp_path):
+    from tests.conftest import write_image
+
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(300, 200), (640, 480), (500, 375), (100, 90)] * 3):
+        write_image(tmp_path / "photos" / ("a" if i % 2 else "b") / f"{i}.jpg", rng, size=size)
+    settings = DataSettings(source="imagefolder", path=str(tmp_path / "photos"))
+    frame, _, _ = build_image_index(settings, seed=0)
+    profile = profile_images(frame, settings, seed=0)
+    train_sizes = [
+        min(Image.open(p).size) for p in frame.loc[frame["split"] == "train", "location"]
+    ]
+    assert profile["typical_short_side"] == int(np.median(train_sizes))
+    assert profile["mirror_symmetric"] is True
+
+
+def test_the_data_profile_never_looks_at_test_images(tmp_path):
+    from tests.conftest import write_image
+
+    rng = np.random.default_rng(0)
+    for split, size, count in (("train", (40, 30), 10), ("test", (900, 700), 4)):
+        for label in ("a", "b"):
+            for i in range(count):
+                write_image(tmp_path / "data" / split / label / f"{i}.png", rng, size=size)
+    settings = DataSettings(source="imagefolder", path=str(tmp_path / "data"))
+    frame, _, _ = build_image_index(settings, seed=0)
+    profile = profile_images(frame, settings, seed=0)
+    assert profile["typical_short_side"] == 30 and profile["n_train"] == 16

@@ -99,7 +99,11 @@ def test_default_run_is_one_mlflow_run_with_params_metrics_and_artefacts(default
     assert run.data.metrics["feature_transfer.accuracy"] > 0.8
     assert run.data.metrics["extraction.images_per_second"] > 0
     assert run.data.params["structure_transfer.backbone.pretrained"] == "False"
-    assert run.data.params["parameter_transfer.backbone.image_size"] == "32"
+    assert run.data.params["backbone.image_size"] == "auto"
+    # What auto resolved to on the 8 px digits, per strategy.
+    for strategy in STRATEGY_NAMES:
+        assert run.data.params[f"{strategy}.resolved.image_size"] == "48"
+    assert run.data.params["parameter_transfer.resolved.hflip"] == "False"
     history = client.get_metric_history(run.info.run_id, "parameter_transfer.val_accuracy")
     assert [point.step for point in history] == list(range(1, len(history) + 1)) and len(
         history
@@ -147,9 +151,11 @@ def test_default_run_compares_all_three_strategies(default_run):
         assert metrics["strategy"] == strategy and metrics["n_test"] == 360
         for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece", "fit_seconds"):
             assert key in metrics
+        assert metrics["image_size"] == 48
     comparison = (reports / "comparison.md").read_text()
     for strategy in STRATEGY_NAMES:
         assert f"| {strategy} |" in comparison
+    assert "| image size (px) |" in comparison
     assert (reports / "comparison.png").stat().st_size > 0
     assert list(
         (project / "data" / "06_models" / "parameter_transfer" / "model.pt").glob("*/model.pt")

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 COLUMNS = ("accuracy", "macro_f1", "ece", "fit_seconds", "trainable_parameters")
+TABLE_ONLY = ("image_size",)  # in comparison.md, not in the chart
 TITLES = {
     "accuracy": "accuracy ↑",
     "macro_f1": "macro-F1 ↑",
@@ -33,23 +34,27 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per strategy with the compared metrics, in the order given."""
     return pd.DataFrame(
         [
-            {"strategy": report["strategy"], **{c: report.get(c) for c in COLUMNS}}
+            {"strategy": report["strategy"], **{c: report.get(c) for c in COLUMNS + TABLE_ONLY}}
             for report in reports
         ]
     ).set_index("strategy")
 
 
 def comparison_markdown(table: pd.DataFrame, controls: Sequence[Control] = ()) -> str:
-    header = "| strategy | accuracy | macro-F1 | ECE | train time (s) | trainable parameters |"
+    header = (
+        "| strategy | accuracy | macro-F1 | ECE | train time (s) | trainable parameters "
+        "| image size (px) |"
+    )
     rows = [
-        f"| {name} | {r.accuracy:.4f} | {r.macro_f1:.4f} | {r.ece:.4f} | {r.fit_seconds:.1f} | {int(r.trainable_parameters):,} |"
+        f"| {name} | {r.accuracy:.4f} | {r.macro_f1:.4f} | {r.ece:.4f} | {r.fit_seconds:.1f} "
+        f"| {int(r.trainable_parameters):,} | {_size(r.image_size)} |"
         for name, r in table.iterrows()
     ]
     lines = [
         "# Transfer strategies compared on the test split",
         "",
         header,
-        "|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         f"Best test accuracy: **{table['accuracy'].idxmax()}**. ECE is the expected calibration "
@@ -63,6 +68,10 @@ def comparison_markdown(table: pd.DataFrame, controls: Sequence[Control] = ()) -
                 f"{control.control} = {gap * 100:+.1f} accuracy points."
             )
     return "\n".join(lines) + "\n"
+
+
+def _size(value: Any) -> str:
+    return "–" if value is None or pd.isna(value) else str(int(value))
 
 
 def comparison_figure(table: pd.DataFrame, colours: Mapping[str, str]) -> Figure:

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import numpy as np
-from kedro.io import AbstractVersionedDataset, Version
+from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 
 
 def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -79,3 +79,26 @@ class TorchCheckpointDataset(_VersionedFile):
         import torch
 
         write_atomically(Path(self._get_save_path()), lambda stream: torch.save(data, stream))
+
+
+class MlflowParamsDataset(AbstractDataset):
+    """Logs a dict as MLflow parameters `<prefix>.<key>` of the active run (write only).
+
+    For values known only at run time, such as what an `auto` setting resolved to.
+    """
+
+    def __init__(self, prefix: str, metadata: dict[str, Any] | None = None) -> None:
+        self.prefix = prefix
+        self.metadata = metadata
+
+    def load(self) -> dict[str, Any]:
+        raise DatasetError(f"{self.prefix} parameters are logged to MLflow, not read back.")
+
+    def save(self, data: dict[str, Any]) -> None:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.log_params({f"{self.prefix}.{key}": value for key, value in data.items()})
+
+    def _describe(self) -> dict[str, Any]:
+        return {"prefix": self.prefix}

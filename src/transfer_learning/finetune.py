@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from transfer_learning.backbones import Backbone, BackboneError, BackboneSettings, build_backbone
+from transfer_learning.backbones import (
+    AUTO,
+    Backbone,
+    BackboneError,
+    BackboneSettings,
+    build_backbone,
+    resolve_image_size,
+)
 from transfer_learning.config import check_known_keys, require_known_keys, with_overrides
 from transfer_learning.datasets import write_atomically
 from transfer_learning.extraction import (
@@ -44,6 +51,9 @@ from transfer_learning.extraction import (
 logger = logging.getLogger(__name__)
 
 MODES = ("linear_probe", "full", "lp_ft")
+# `epochs: auto` bounds: every image is seen a few times; tiny sets do not loop for ever.
+MIN_AUTO_EPOCHS = 3
+MAX_AUTO_EPOCHS = 60
 
 
 class TrainingError(RuntimeError):
@@ -58,9 +68,10 @@ class FinetuneSettings:
     """The `finetune` recipe (parameters_parameter_transfer.yml): everything that decides the weights."""
 
     mode: str = "full"  # linear_probe | full | lp_ft
-    epochs: int = 10
+    epochs: int | str = AUTO  # auto: as many as `steps` optimiser steps need (see resolve)
+    steps: int = 200  # the step budget that `epochs: auto` aims for
     lp_epochs: int = 2  # lp_ft: epochs with the backbone frozen before unfreezing
-    batch_size: int = 64
+    batch_size: int | str = AUTO  # auto: from the number of training images
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 0.05  # on weight matrices and kernels only; never on biases or norms
@@ -71,7 +82,7 @@ class FinetuneSettings:
     class_weight: str | None = None  # null | balanced
     grad_clip: float | None = 1.0
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    hflip: bool = True
+    hflip: bool | str = AUTO  # auto: when the data source is mirror-symmetric (photos)
     patience: int | None = 5  # early stopping: epochs without a better val accuracy
 
     @classmethod
@@ -84,8 +95,10 @@ class FinetuneSettings:
         checks = {
             "mode": settings.mode in MODES,
             "optimizer": settings.optimizer in ("adamw", "sgd"),
-            "epochs": isinstance(settings.epochs, int) and settings.epochs >= 1,
-            "batch_size": isinstance(settings.batch_size, int) and settings.batch_size >= 1,
+            "epochs": _auto_or_positive(settings.epochs),
+            "steps": _auto_or_positive(settings.steps) and settings.steps != AUTO,
+            "batch_size": _auto_or_positive(settings.batch_size),
+            "hflip": settings.hflip in (True, False, AUTO),
             "lr": settings.lr > 0,
             "class_weight": settings.class_weight in (None, "balanced"),
             "layer_decay": settings.layer_decay is None or 0 < settings.layer_decay <= 1,
@@ -97,6 +110,35 @@ class FinetuneSettings:
                 "conf/base/parameters_parameter_transfer.yml for the allowed values."
             )
         return settings
+
+    def resolve(self, n_train: int, mirror_symmetric: bool) -> FinetuneSettings:
+        """The recipe with every `auto` replaced: batch size and epochs from the number of
+        training images (a budget in optimiser steps, not epochs), flips from the data's symmetry.
+
+        Small data sets get small batches and as many epochs as `steps` updates need (capped at
+        MAX_AUTO_EPOCHS); large ones get at least MIN_AUTO_EPOCHS passes and no more than
+        the budget asks for.
+        """
+        batch_size = self.batch_size
+        if batch_size == AUTO:
+            batch_size = auto_batch_size(n_train)
+        epochs = self.epochs
+        if epochs == AUTO:
+            steps_per_epoch = max(1, n_train // batch_size)
+            epochs = min(
+                MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, math.ceil(self.steps / steps_per_epoch))
+            )
+        hflip = mirror_symmetric if self.hflip == AUTO else self.hflip
+        return replace(self, batch_size=batch_size, epochs=epochs, hflip=hflip)
+
+
+def _auto_or_positive(value: Any) -> bool:
+    return value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
+def auto_batch_size(n_train: int) -> int:
+    """A power of two near n_train / 16 (at least 16 steps an epoch), between 16 and 64."""
+    return int(min(64, max(16, 2 ** math.floor(math.log2(max(1, n_train / 16))))))
 
 
 @dataclass(frozen=True)
@@ -130,7 +172,10 @@ class Recipe:
         overrides: Mapping[str, Any] | None,
         strategy: str,
     ) -> Recipe:
-        """`overrides` is the `<strategy>` block: its own `backbone` and `finetune` keys."""
+        """`overrides` is the `<strategy>` block: its own `backbone` and `finetune` keys.
+
+        `auto` values stay as they are: `resolve` replaces them from the data profile.
+        """
         overrides = overrides or {}
         require_known_keys(overrides, ["backbone", "finetune"], strategy, TrainingError)
         backbone_blocks = ("backbone", f"{strategy}.backbone")
@@ -144,6 +189,13 @@ class Recipe:
         return cls(
             BackboneSettings.from_params(merged_backbone, block=backbone_blocks[1]),
             FinetuneSettings.from_params(merged_finetune, block=finetune_blocks[1]),
+        )
+
+    def resolve(self, data_profile: Mapping[str, Any]) -> Recipe:
+        """Every `auto` replaced by a value from the data profile (see `image_index.profile_images`)."""
+        return Recipe(
+            resolve_image_size(self.backbone, data_profile["typical_short_side"]),
+            self.finetune.resolve(data_profile["n_train"], data_profile["mirror_symmetric"]),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib
 import logging
 import time
@@ -14,8 +13,8 @@ import numpy as np
 from sklearn.base import ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score
-from sklearn.model_selection import ParameterGrid
+from sklearn.metrics import accuracy_score, log_loss
+from sklearn.model_selection import ParameterGrid, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -28,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 class HeadError(ValueError):
     """A head cannot be built as configured."""
+
+
+SELECTIONS = ("auto", "val", "cv")
+# selection: auto chooses by cross-validation on train+val when val has fewer images than this
+# in some class: a val split of a few dozen images ties most grid points on accuracy.
+CV_BELOW_VAL_PER_CLASS = 50
 
 
 def _logistic_regression(seed: int, class_weight: str | None, **params: Any) -> ClassifierMixin:
@@ -63,6 +68,8 @@ class HeadSettings:
     grid: dict[str, list[Any]] | None = None  # None: the head type's default grid
     class_weight: str | None = None
     refit_on_train_val: bool = True
+    selection: str = "auto"  # auto | val | cv: how hyper-parameters are chosen (see select_and_fit)
+    cv_folds: int = 5
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> HeadSettings:
@@ -72,6 +79,12 @@ class HeadSettings:
             raise HeadError(
                 f"head.class_weight={settings.class_weight!r} must be null or 'balanced'."
             )
+        if settings.selection not in SELECTIONS:
+            raise HeadError(
+                f"head.selection={settings.selection!r} must be one of {', '.join(SELECTIONS)}."
+            )
+        if not isinstance(settings.cv_folds, int) or settings.cv_folds < 2:
+            raise HeadError(f"head.cv_folds={settings.cv_folds!r} must be an integer ≥ 2.")
         return settings
 
     def default_grid(self) -> dict[str, list[Any]]:
@@ -114,9 +127,75 @@ def _import_estimator(settings: HeadSettings) -> ClassifierMixin:
 class FittedHead:
     model: Pipeline
     best_params: dict[str, Any]
-    val_accuracy: float
+    val_accuracy: float  # of the chosen point: on val, or the mean over the CV folds
     fit_seconds: float
-    search: list[dict[str, Any]]
+    search: list[dict[str, Any]]  # per grid point: accuracy (mean, std over folds), log-loss
+    selection: str  # "val" or "cv"
+
+
+def _grid_points(template: Pipeline, settings: HeadSettings) -> list[dict[str, Any]]:
+    grid = [
+        {f"classifier__{k}": v for k, v in point.items()}
+        for point in ParameterGrid(settings.default_grid())
+    ]
+    if _warm_startable(template):
+        # Walk the grid in order (e.g. C from small to large), each fit starting from the last.
+        grid.sort(
+            key=lambda point: [v if isinstance(v, int | float) else str(v) for v in point.values()]
+        )
+    return grid or [{}]
+
+
+def _warm_startable(template: Pipeline) -> bool:
+    # Logistic regression walks the grid warm-started from the previous point, as
+    # LogisticRegressionCV does along its C path: several times faster on large feature sets.
+    # (Ensembles also take `warm_start`, but there it means "add trees": a refit with as many
+    # trees would silently fit nothing.)
+    return isinstance(template["classifier"], LogisticRegression)
+
+
+def _scores_on(
+    template: Pipeline, grid: list[dict[str, Any]], train, held_out
+) -> list[tuple[float, float]]:
+    """(accuracy, log-loss) on `held_out` of a fit on `train`, for every grid point."""
+    warm = _warm_startable(template)
+    candidate = clone(template).set_params(**({"classifier__warm_start": True} if warm else {}))
+    scores = []
+    for point in grid:
+        candidate = (candidate if warm else clone(template)).set_params(**point)
+        candidate.fit(*train)
+        probabilities = candidate.predict_proba(held_out[0])
+        predicted = candidate.classes_[probabilities.argmax(axis=1)]
+        scores.append(
+            (
+                float(accuracy_score(held_out[1], predicted)),
+                float(log_loss(held_out[1], probabilities, labels=candidate.classes_)),
+            )
+        )
+    return scores
+
+
+def _uses_cv(val_labels: np.ndarray, settings: HeadSettings) -> bool:
+    if settings.selection != "auto":
+        return settings.selection == "cv"
+    if len(val_labels) == 0:
+        return True
+    return int(np.unique(val_labels, return_counts=True)[1].min()) < CV_BELOW_VAL_PER_CLASS
+
+
+def _fold_scores(template, grid, train, val, settings: HeadSettings, seed: int) -> np.ndarray:
+    """(folds, grid points, [accuracy, log-loss]) of stratified k-fold CV on train+val."""
+    features, labels = np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]])
+    folds = min(settings.cv_folds, int(np.bincount(labels)[np.unique(labels)].min()))
+    if folds < 2:
+        raise HeadError("head.selection=cv needs at least 2 images of every class in train+val.")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return np.array(
+        [
+            _scores_on(template, grid, (features[fit], labels[fit]), (features[held], labels[held]))
+            for fit, held in splitter.split(features, labels)
+        ]
+    )
 
 
 def select_and_fit(
@@ -125,48 +204,45 @@ def select_and_fit(
     settings: HeadSettings,
     seed: int,
 ) -> FittedHead:
-    """Choose hyper-parameters by val accuracy, then refit on train+val (or keep the train fit).
+    """Choose hyper-parameters, then refit on train+val (or keep a fit on train alone).
 
-    Only train and val reach this function: the test split cannot influence the choice.
+    The choice is the best accuracy on val — or, when val is small (`selection: auto`), the best
+    mean accuracy over stratified k-fold cross-validation on train+val; ties go to the lower
+    log-loss, never to grid order. Only train and val reach this function: the test split
+    cannot influence the choice.
     """
     start = time.perf_counter()
     template = build_head(settings, seed)
-    grid = [
-        {f"classifier__{k}": v for k, v in point.items()}
-        for point in ParameterGrid(settings.default_grid())
+    grid = _grid_points(template, settings)
+    cv = _uses_cv(val[1], settings)
+    scores = (
+        _fold_scores(template, grid, train, val, settings, seed)
+        if cv
+        else np.array([_scores_on(template, grid, train, val)])
+    )
+    mean, spread = scores.mean(axis=0), scores.std(axis=0)
+    search = [
+        {
+            **{k.removeprefix("classifier__"): v for k, v in point.items()},
+            "val_accuracy": float(mean[i, 0]),
+            "val_accuracy_std": float(spread[i, 0]),
+            "val_log_loss": float(mean[i, 1]),
+        }
+        for i, point in enumerate(grid)
     ]
-    # Logistic regression walks the grid warm-started from the previous point, as
-    # LogisticRegressionCV does along its C path: several times faster on large feature sets.
-    # (Ensembles also take `warm_start`, but there it means "add trees": a refit with as many
-    # trees would silently fit nothing.)
-    warm = isinstance(template["classifier"], LogisticRegression)
-    if warm:
-        template.set_params(classifier__warm_start=True)
-        grid.sort(
-            key=lambda point: [
-                str(v) if not isinstance(v, int | float) else v for v in point.values()
-            ]
-        )
-    search = []
-    best: tuple[float, dict[str, Any], Pipeline] | None = None
-    candidate = clone(template)
-    for point in grid or [{}]:
-        candidate = (candidate if warm else clone(template)).set_params(**point)
-        candidate.fit(*train)
-        accuracy = float(accuracy_score(val[1], candidate.predict(val[0])))
-        shown = {k.removeprefix("classifier__"): v for k, v in point.items()}
-        search.append({**shown, "val_accuracy": accuracy})
-        logger.info("head %s %s: val accuracy %.4f", settings.type, shown, accuracy)
-        if best is None or accuracy > best[0]:
-            best = (accuracy, point, copy.deepcopy(candidate))
-    accuracy, point, model = best
+    best = max(range(len(grid)), key=lambda i: (mean[i, 0], -mean[i, 1]))
+    for row in search:
+        logger.info("head %s (%s): %s", settings.type, "cv" if cv else "val", row)
+    model = clone(template).set_params(**grid[best])
     if settings.refit_on_train_val:
-        # Warm-started from the chosen fit where supported; the scaler is refitted too.
         model.fit(np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
+    else:
+        model.fit(*train)
     return FittedHead(
         model=model,
-        best_params={k.removeprefix("classifier__"): v for k, v in point.items()},
-        val_accuracy=accuracy,
+        best_params={k.removeprefix("classifier__"): v for k, v in grid[best].items()},
+        val_accuracy=float(mean[best, 0]),
         fit_seconds=time.perf_counter() - start,
         search=search,
+        selection="cv" if cv else "val",
     )

@@ -21,7 +21,12 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from transfer_learning.config import check_known_keys
-from transfer_learning.images import DIGITS_SCHEME, IMAGE_EXTENSIONS, unreadable_reason
+from transfer_learning.images import (
+    DIGITS_SCHEME,
+    IMAGE_EXTENSIONS,
+    image_size_of,
+    unreadable_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,12 @@ OFFLINE_ALTERNATIVES = (
     "or the bundled data.source=digits."
 )
 SKIPPED_COLUMNS = ["location", "reason"]
+# Sources whose images change meaning when mirrored (digits, letters, house numbers).
+NOT_MIRROR_SYMMETRIC = frozenset(
+    {"MNIST", "EMNIST", "KMNIST", "QMNIST", "SVHN", "USPS", "Omniglot"}
+)
+# Image sizes are read from at most this many training images' headers (a seeded sample).
+PROFILE_SAMPLE = 1000
 
 
 class DataSourceError(ValueError):
@@ -97,6 +108,29 @@ def build_image_index(
         _require_images_per_class(frame, classes, root)
     frame = assign_splits(frame, settings.val_fraction, settings.test_fraction, seed)
     return frame.reset_index(drop=True), classes, skipped
+
+
+def profile_images(frame: pd.DataFrame, settings: DataSettings, seed: int) -> dict[str, Any]:
+    """What `auto` settings need to know of the data: typical image size, split sizes, symmetry.
+
+    Sizes come from the headers of (a seeded sample of) the training images; no pixels are read.
+    """
+    train = frame[frame["split"] == "train"]
+    sample = train["location"].sample(min(len(train), PROFILE_SAMPLE), random_state=seed)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        sizes = np.array(list(pool.map(image_size_of, sample)))
+    val_counts = frame.loc[frame["split"] == "val", "label"].value_counts()
+    mirror_symmetric = settings.source == "imagefolder" or (
+        settings.source == "torchvision" and settings.name not in NOT_MIRROR_SYMMETRIC
+    )
+    return {
+        "typical_short_side": int(np.median(sizes.min(axis=1))),
+        "typical_long_side": int(np.median(sizes.max(axis=1))),
+        "n_train": len(train),
+        "n_val": int(val_counts.sum()),
+        "min_val_per_class": int(val_counts.min()) if len(val_counts) else 0,
+        "mirror_symmetric": bool(mirror_symmetric),
+    }
 
 
 def _index_digits() -> tuple[pd.DataFrame, list[str]]:

@@ -100,6 +100,14 @@ def load_rgb_tensor(location: str, min_size: int | None = None) -> torch.Tensor:
         return decode_image_bytes(stream.read(), min_size)
 
 
+def image_size_of(location: str) -> tuple[int, int]:
+    """(width, height) of the image at `location`, from its header alone."""
+    if location.startswith(DIGITS_SCHEME):
+        return _digits_pixels().shape[2], _digits_pixels().shape[1]
+    with Image.open(location) as image:
+        return image.size
+
+
 def unreadable_reason(path: str) -> str | None:
     """Why the file at `path` is not an image PIL can open, or None when its header is fine.
 

@@ -20,5 +20,10 @@ def test_ingestion_pipeline_on_an_image_folder(make_image_folder):
     assert len(index) == 15 and list(index.columns) == ["location", "label", "class_name", "split"]
     assert outputs["class_names"].load() == {"classes": ["ant", "bee", "fly"]}
     assert outputs["skipped_images"].load()["location"].str.endswith("bad.png").all()
+    profile = outputs["data_profile"].load()
+    # write_image makes 24x20 images; 15 - 1 skipped, 20 % test, 20 % of the rest val.
+    assert profile["typical_short_side"] == 20 and profile["typical_long_side"] == 24
+    assert profile["mirror_symmetric"] is True
+    assert profile["n_train"] == (index["split"] == "train").sum()
     metrics = outputs["ingestion_metrics"].load()
     assert metrics["n_skipped"]["value"] == 1 and metrics["n_classes"]["value"] == 3

@@ -12,6 +12,7 @@ def test_extraction_pipeline_on_digits(tmp_path):
     catalog = DataCatalog(
         {
             "image_index": MemoryDataset(index),
+            "data_profile": MemoryDataset({"typical_short_side": 8}),
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 32}),
             "params:extraction": MemoryDataset(
                 {"batch_size": 16, "num_workers": 0, "cache_dir": str(tmp_path), "progress": False}
@@ -26,3 +27,20 @@ def test_extraction_pipeline_on_digits(tmp_path):
     assert arrays["split"].tolist() == index["split"].tolist()
     assert str(arrays["backbone"]) == "efficientnet_lite0" and int(arrays["image_size"]) == 32
     assert outputs["extraction_metrics"].load()["n_images"]["value"] == len(index)
+
+
+def test_auto_image_size_follows_the_data_profile(tmp_path):
+    index, _, _ = build_image_index(DataSettings(), seed=0)
+    catalog = DataCatalog(
+        {
+            "image_index": MemoryDataset(index.iloc[:4]),
+            # 8 px digits: enlarged at most 4x, to at least 48 px.
+            "data_profile": MemoryDataset({"typical_short_side": 8}),
+            "params:backbone": MemoryDataset({"image_size": "auto"}),
+            "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
+            "params:device": MemoryDataset("cpu"),
+        }
+    )
+    outputs = SequentialRunner().run(create_pipeline(), catalog)
+    assert int(outputs["image_features"].load()["image_size"]) == 48
+    assert outputs["extraction_metrics"].load()["image_size"]["value"] == 48

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from kedro_datasets.pickle import PickleDataset
@@ -26,16 +27,17 @@ def digits_features(poison_test: bool) -> dict[str, np.ndarray]:
         "label": labels,
         "split": split,
         "location": np.array([f"sklearn-digits:{i}" for i in range(n)]),
+        "image_size": np.array(8),
     }
 
 
-def run(features):
+def run(features, selection: str = "val"):
     catalog = DataCatalog(
         {
             "image_features": MemoryDataset(features),
             "class_names": MemoryDataset({"classes": [str(d) for d in range(10)]}),
             "params:head": MemoryDataset(
-                {"type": "logistic_regression", "grid": {"C": [0.01, 1.0]}}
+                {"type": "logistic_regression", "grid": {"C": [0.01, 1.0]}, "selection": selection}
             ),
             "params:seed": MemoryDataset(0),
         }
@@ -46,9 +48,10 @@ def run(features):
     return SequentialRunner().run(pipeline, catalog)
 
 
-def test_test_split_never_reaches_head_selection():
-    clean = run(digits_features(poison_test=False))
-    poisoned = run(digits_features(poison_test=True))
+@pytest.mark.parametrize("selection", ["val", "cv"])
+def test_test_split_never_reaches_head_selection(selection):
+    clean = run(digits_features(poison_test=False), selection)
+    poisoned = run(digits_features(poison_test=True), selection)
     clean_summary = clean["feature_transfer.training_summary"].load()
     poisoned_summary = poisoned["feature_transfer.training_summary"].load()
     assert clean_summary["search"] == poisoned_summary["search"]
@@ -67,6 +70,7 @@ def test_feature_transfer_and_evaluation_end_to_end(tmp_path):
         {
             "image_index": MemoryDataset(index),
             "class_names": MemoryDataset({"classes": classes}),
+            "data_profile": MemoryDataset({"typical_short_side": 8}),
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 64}),
             "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
             "params:device": MemoryDataset("cpu"),

@@ -18,6 +18,9 @@ def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
         {
             "image_index": MemoryDataset(index),
             "class_names": MemoryDataset({"classes": classes}),
+            "data_profile": MemoryDataset(
+                {"typical_short_side": 8, "n_train": 60, "mirror_symmetric": False}
+            ),
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 64}),
             "params:finetune": MemoryDataset(RECIPE),
             "params:training": MemoryDataset({"checkpoint_dir": str(tmp_path), "progress": False}),

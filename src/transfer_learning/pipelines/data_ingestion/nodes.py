@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.image_index import DataSettings, build_image_index, profile_images
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
 logger = logging.getLogger(__name__)
@@ -15,13 +15,16 @@ logger = logging.getLogger(__name__)
 
 def index_images(
     data: dict[str, Any], seed: int
-) -> tuple[pd.DataFrame, dict[str, list[str]], pd.DataFrame, MlflowMetrics]:
+) -> tuple[pd.DataFrame, dict[str, list[str]], pd.DataFrame, dict[str, Any], MlflowMetrics]:
     """Index the images of `data.source` and split them into train/val/test.
 
     Returns the image index, the class names by label id, the files left out as unreadable,
-    and the split sizes (logged to MLflow).
+    the data profile that `auto` settings follow, and the split sizes (logged to MLflow).
     """
-    index, classes, skipped = build_image_index(DataSettings.from_params(data), seed)
+    settings = DataSettings.from_params(data)
+    index, classes, skipped = build_image_index(settings, seed)
+    profile = profile_images(index, settings, seed)
+    logger.info("Data profile (what auto settings follow): %s", profile)
     sizes = index["split"].value_counts()
     logger.info(
         "Indexed %d images in %d classes: %s",
@@ -32,4 +35,5 @@ def index_images(
     counts = {f"n_{split}": float(sizes.get(split, 0)) for split in ("train", "val", "test")}
     counts["n_classes"] = float(len(classes))
     counts["n_skipped"] = float(len(skipped))
-    return index, {"classes": classes}, skipped, mlflow_metrics(counts)
+    counts["typical_short_side"] = float(profile["typical_short_side"])
+    return index, {"classes": classes}, skipped, profile, mlflow_metrics(counts)

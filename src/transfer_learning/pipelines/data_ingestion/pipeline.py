@@ -11,7 +11,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=index_images,
                 inputs=["params:data", "params:seed"],
-                outputs=["image_index", "class_names", "skipped_images", "ingestion_metrics"],
+                outputs=[
+                    "image_index",
+                    "class_names",
+                    "skipped_images",
+                    "data_profile",
+                    "ingestion_metrics",
+                ],
                 name="index_images",
             )
         ]

@@ -59,21 +59,24 @@ def evaluate_test_predictions(
     training_summary: dict[str, Any],
     class_names: dict[str, list[str]],
     strategy: str,
-) -> tuple[dict[str, Any], pd.DataFrame, Figure, Figure, MlflowMetrics]:
-    """Metrics, per-class table, confusion matrix and reliability diagram on the test split."""
+) -> tuple[dict[str, Any], pd.DataFrame, Figure, Figure, MlflowMetrics, dict[str, Any]]:
+    """Metrics, per-class table, confusion matrix and reliability diagram on the test split,
+    and the values the strategy's `auto` settings resolved to (logged as MLflow parameters)."""
     names = class_names["classes"]
     metrics, per_class, reliability, matrix = evaluate_predictions(
         test_predictions["label"], test_predictions["probabilities"], names
     )
     metrics["fit_seconds"] = float(training_summary["fit_seconds"])
     metrics["trainable_parameters"] = int(training_summary.get("trainable_parameters", 0))
-    report = {"strategy": strategy, **metrics}
+    resolved = dict(training_summary.get("resolved", {}))
+    report = {"strategy": strategy, **metrics, **resolved}
     return (
         report,
         per_class,
         confusion_matrix_figure(matrix, names, f"{strategy}: confusion matrix (test)"),
         reliability_figure(reliability, metrics["ece"], f"{strategy}: reliability (test)"),
         mlflow_metrics(metrics),
+        resolved,
     )
 
 

@@ -43,6 +43,7 @@ def evaluation_for(strategy: str, register: bool = True) -> Pipeline:
                 "confusion_matrix",
                 "reliability_diagram",
                 "mlflow_metrics",
+                "resolved_parameters",
             ],
             name="evaluate_test_predictions",
         ),

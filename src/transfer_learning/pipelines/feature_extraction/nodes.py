@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
+from transfer_learning.backbones import BackboneSettings, build_backbone, resolve_image_size
 from transfer_learning.extraction import ExtractionSettings, extract_features, resolve_device
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 def extract_image_features(
     image_index: pd.DataFrame,
+    data_profile: dict[str, Any],
     backbone: dict[str, Any],
     extraction: dict[str, Any],
     device: str,
@@ -24,9 +25,11 @@ def extract_image_features(
     """Run every image of the index through the frozen backbone.
 
     Returns arrays `features` (n, d) float32, `label`, `split` and `location` in index order,
-    plus the backbone's name and image size, and extraction metrics for MLflow.
+    plus the backbone's name and (resolved) image size, and extraction metrics for MLflow.
     """
-    backbone_settings = BackboneSettings.from_params(backbone)
+    backbone_settings = resolve_image_size(
+        BackboneSettings.from_params(backbone), data_profile["typical_short_side"]
+    )
     model = build_backbone(backbone_settings)
     result = extract_features(
         model,
@@ -58,5 +61,6 @@ def extract_image_features(
         "seconds": result.seconds,
         "images_per_second": rate,
         "cached": float(result.cached),
+        "image_size": model.preprocessing.image_size,
     }
     return arrays, mlflow_metrics(metrics)

@@ -10,7 +10,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=extract_image_features,
-                inputs=["image_index", "params:backbone", "params:extraction", "params:device"],
+                inputs=[
+                    "image_index",
+                    "data_profile",
+                    "params:backbone",
+                    "params:extraction",
+                    "params:device",
+                ],
                 outputs=["image_features", "extraction_metrics"],
                 name="extract_image_features",
             )

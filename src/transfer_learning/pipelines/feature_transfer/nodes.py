@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
+from transfer_learning.backbones import BackboneSettings, build_backbone, resolve_image_size
 from transfer_learning.heads import HeadSettings, select_and_fit
 from transfer_learning.serving import ImageClassifier
 
@@ -30,6 +30,7 @@ def split_features(image_features: Arrays) -> tuple[Arrays, Arrays]:
                 "features": image_features["features"][rows],
                 "label": image_features["label"][rows],
                 "location": image_features["location"][rows],
+                "image_size": image_features["image_size"],
             }
         )
     return tuple(parts)
@@ -50,11 +51,17 @@ def fit_head(
         settings,
         seed,
     )
+    chosen = next(
+        row for row in fitted.search if all(row[k] == v for k, v in fitted.best_params.items())
+    )
     logger.info(
-        "Head %s chose %s (val accuracy %.4f) in %.1f s",
+        "Head %s chose %s by %s: accuracy %.4f ± %.4f, log-loss %.4f (%.1f s)",
         settings.type,
         fitted.best_params,
-        fitted.val_accuracy,
+        "cross-validation on train+val" if fitted.selection == "cv" else "val",
+        chosen["val_accuracy"],
+        chosen["val_accuracy_std"],
+        chosen["val_log_loss"],
         fitted.fit_seconds,
     )
     summary = {
@@ -62,9 +69,13 @@ def fit_head(
         "fit_seconds": fitted.fit_seconds,
         "val_accuracy": fitted.val_accuracy,
         "best_params": fitted.best_params,
+        "selection": fitted.selection,
+        "chosen": chosen,
         "search": fitted.search,
         "trainable_parameters": _head_parameter_count(fitted.model),
         "head": settings.type,
+        "image_size": int(train_features["image_size"]),
+        "resolved": {"image_size": int(train_features["image_size"])},
     }
     return fitted.model, fitted.model, summary
 
@@ -79,10 +90,15 @@ def _head_parameter_count(model: Pipeline) -> int:
 
 
 def package_image_model(
-    head_model: Pipeline, class_names: dict[str, list[str]], backbone: dict[str, Any]
+    head_model: Pipeline,
+    class_names: dict[str, list[str]],
+    data_profile: dict[str, Any],
+    backbone: dict[str, Any],
 ) -> ImageClassifier:
     """The deployable images → probabilities model: backbone weights, preprocessing and head."""
-    settings = BackboneSettings.from_params(backbone)
+    settings = resolve_image_size(
+        BackboneSettings.from_params(backbone), data_profile["typical_short_side"]
+    )
     features = build_backbone(settings)
     return ImageClassifier(
         strategy="feature_transfer",

@@ -36,13 +36,15 @@ def resolve_recipe(
     backbone: dict[str, Any],
     finetune: dict[str, Any],
     overrides: dict[str, Any] | None,
+    data_profile: dict[str, Any],
     strategy: str,
 ) -> Recipe:
-    """The shared `backbone` and `finetune` blocks with the `<strategy>` block's keys over them.
+    """The shared `backbone` and `finetune` blocks with the `<strategy>` block's keys over them,
+    every `auto` resolved from the data profile.
 
-    Every key on either side is checked for typos, before any image is read.
+    Every key on either side is checked for typos.
     """
-    recipe = Recipe.from_params(backbone, finetune, overrides, strategy)
+    recipe = Recipe.from_params(backbone, finetune, overrides, strategy).resolve(data_profile)
     logger.info("%s recipe: %s", strategy, recipe.to_dict())
     return recipe
 
@@ -82,12 +84,18 @@ def train_model(
         "state_dict": result.state_dict,
         "n_classes": n_classes,
         "backbone_name": recipe.backbone.name,
-        "image_size": int(recipe.backbone.image_size or 0),
+        "image_size": int(recipe.backbone.image_size),
     }
     summary = {
         "strategy": strategy,
         "recipe": recipe.to_dict(),
         "image_size": checkpoint["image_size"],
+        "resolved": {
+            "image_size": checkpoint["image_size"],
+            "batch_size": recipe.finetune.batch_size,
+            "epochs": recipe.finetune.epochs,
+            "hflip": recipe.finetune.hflip,
+        },
         "fit_seconds": result.fit_seconds,
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy,

@@ -27,7 +27,7 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
             ),
             Node(
                 func=_for_strategy(resolve_recipe, strategy),
-                inputs=["params:backbone", "params:finetune", "params:overrides"],
+                inputs=["params:backbone", "params:finetune", "params:overrides", "data_profile"],
                 outputs="recipe",
                 name="resolve_recipe",
             ),
@@ -57,7 +57,7 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
     return Pipeline(
         nodes,
         namespace=strategy,
-        inputs={"image_index", "class_names"},
+        inputs={"image_index", "class_names", "data_profile"},
         parameters={
             **{f"params:{name}": f"params:{name}" for name in shared},
             "params:overrides": f"params:{strategy}",
