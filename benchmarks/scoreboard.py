@@ -109,15 +109,14 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="scoreboard-"))
     sets = {"digits": "data.source=digits"}
     if args.flowers:
-        two = subset(args.flowers, scratch / "flowers_2class", 150, ["daisy", "dandelion"])
         few = subset(args.flowers, scratch / "flowers_20", 25)
-        sets["flowers 2-class"] = f"data.source=imagefolder,data.path={two}"
+        two = subset(args.flowers, scratch / "flowers_2class", 150, ["daisy", "dandelion"])
         sets["flowers 20/class"] = f"data.source=imagefolder,data.path={few}"
+        sets["flowers 2-class"] = f"data.source=imagefolder,data.path={two}"
+        sets["flowers"] = f"data.source=imagefolder,data.path={args.flowers.resolve()}"
     if args.cifar10:
         cifar = subset(args.cifar10, scratch / "cifar10_100", 125)
         sets["CIFAR-10 100/class"] = f"data.source=imagefolder,data.path={cifar}"
-    if args.flowers:
-        sets["flowers"] = f"data.source=imagefolder,data.path={args.flowers.resolve()}"
     header = [
         "| data | strategy | accuracy | balanced accuracy | ECE | image size (px) | train time (min) | test images |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

@@ -299,8 +299,26 @@ def test_the_step_budget_sets_batch_size_and_epochs(n_train, batch_size, epochs)
     assert (resolved.batch_size, resolved.epochs) == (batch_size, epochs)
 
 
+@pytest.mark.parametrize("n_train,patience", [(1149, 4), (100, 12), (50_000, 3)])
+def test_auto_patience_is_a_third_of_the_epochs(n_train, patience):
+    assert FinetuneSettings().resolve(n_train, mirror_symmetric=True).patience == patience
+
+
+def test_an_unresolved_recipe_is_refused(tmp_path):
+    with pytest.raises(TrainingError, match="still has 'auto' values"):
+        train_classifier(
+            digits(),
+            10,
+            Recipe(TINY, FinetuneSettings()),
+            run_settings(tmp_path),
+            0,
+            torch.device("cpu"),
+            "x",
+        )
+
+
 def test_explicit_values_win_over_auto_and_flips_follow_the_data():
-    settings = FinetuneSettings(epochs=5, batch_size=8, hflip="auto")
+    settings = FinetuneSettings(epochs=5, batch_size=8, hflip="auto", patience=2)
     assert settings.resolve(10_000, mirror_symmetric=False) == replace(settings, hflip=False)
     assert FinetuneSettings().resolve(100, mirror_symmetric=True).hflip is True
     assert FinetuneSettings(hflip=False).resolve(100, mirror_symmetric=True).hflip is False
