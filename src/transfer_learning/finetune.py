@@ -97,7 +97,7 @@ class FinetuneSettings:
             "mode": settings.mode in MODES,
             "optimizer": settings.optimizer in ("adamw", "sgd"),
             "epochs": _auto_or_positive(settings.epochs),
-            "steps": _auto_or_positive(settings.steps) and settings.steps != AUTO,
+            "steps": _positive_int(settings.steps),
             "batch_size": _auto_or_positive(settings.batch_size),
             "hflip": settings.hflip in (True, False, AUTO),
             "patience": settings.patience is None or _auto_or_positive(settings.patience),
@@ -139,8 +139,12 @@ class FinetuneSettings:
         return replace(self, batch_size=batch_size, epochs=epochs, hflip=hflip, patience=patience)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _auto_or_positive(value: Any) -> bool:
-    return value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    return value == AUTO or _positive_int(value)
 
 
 def auto_batch_size(n_train: int) -> int:

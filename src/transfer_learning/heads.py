@@ -131,6 +131,7 @@ class FittedHead:
     fit_seconds: float
     search: list[dict[str, Any]]  # per grid point: accuracy (mean, std over folds), log-loss
     selection: str  # "val" or "cv"
+    chosen: dict[str, Any]  # the search row of the chosen point
 
 
 def _grid_points(template: Pipeline, settings: HeadSettings) -> list[dict[str, Any]]:
@@ -178,15 +179,18 @@ def _scores_on(
 def _uses_cv(val_labels: np.ndarray, settings: HeadSettings) -> bool:
     if settings.selection != "auto":
         return settings.selection == "cv"
-    if len(val_labels) == 0:
-        return True
-    return int(np.unique(val_labels, return_counts=True)[1].min()) < CV_BELOW_VAL_PER_CLASS
+    return len(val_labels) == 0 or _smallest_class(val_labels) < CV_BELOW_VAL_PER_CLASS
+
+
+def _smallest_class(labels: np.ndarray) -> int:
+    """How many images the least represented class among `labels` has."""
+    return int(np.unique(labels, return_counts=True)[1].min())
 
 
 def _fold_scores(template, grid, train, val, settings: HeadSettings, seed: int) -> np.ndarray:
     """(folds, grid points, [accuracy, log-loss]) of stratified k-fold CV on train+val."""
     features, labels = np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]])
-    folds = min(settings.cv_folds, int(np.bincount(labels)[np.unique(labels)].min()))
+    folds = min(settings.cv_folds, _smallest_class(labels))
     if folds < 2:
         raise HeadError("head.selection=cv needs at least 2 images of every class in train+val.")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -245,4 +249,5 @@ def select_and_fit(
         fit_seconds=time.perf_counter() - start,
         search=search,
         selection="cv" if cv else "val",
+        chosen=search[best],
     )

@@ -1,26 +1,23 @@
 """The comparison pipeline: every registered strategy's test metrics side by side."""
 
 from collections.abc import Sequence
-from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
 from transfer_learning.comparison import Control
+from transfer_learning.pipelines import bind
 from transfer_learning.strategies import Strategy
 
 from .nodes import compare_strategies
 
 
 def create_pipeline(strategies: Sequence[Strategy] = (), **kwargs) -> Pipeline:
-    compare = update_wrapper(
-        partial(
-            compare_strategies,
-            colours={s.name: s.colour for s in strategies},
-            controls=tuple(
-                Control(s.control_for, s.name, s.control_shows) for s in strategies if s.control_for
-            ),
-        ),
+    compare = bind(
         compare_strategies,
+        colours={s.name: s.colour for s in strategies},
+        controls=tuple(
+            Control(s.control_for, s.name, s.control_shows) for s in strategies if s.control_for
+        ),
     )
     return Pipeline(
         [

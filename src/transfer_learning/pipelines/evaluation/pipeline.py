@@ -6,9 +6,10 @@ and (in a strategy's run) registers it in MLflow.
 """
 
 from collections.abc import Sequence
-from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
+
+from transfer_learning.pipelines import bind
 
 from .nodes import (
     evaluate_test_predictions,
@@ -23,9 +24,7 @@ def evaluation_for(strategy: str, register: bool = True) -> Pipeline:
 
     `register=False` re-evaluates stored models without registering new MLflow versions.
     """
-    evaluate = update_wrapper(
-        partial(evaluate_test_predictions, strategy=strategy), evaluate_test_predictions
-    )
+    evaluate = bind(evaluate_test_predictions, strategy=strategy)
     nodes = [
         Node(select_test_split, "image_index", "test_index", name="select_test_split"),
         Node(

@@ -51,9 +51,7 @@ def fit_head(
         settings,
         seed,
     )
-    chosen = next(
-        row for row in fitted.search if all(row[k] == v for k, v in fitted.best_params.items())
-    )
+    chosen = fitted.chosen
     logger.info(
         "Head %s chose %s by %s: accuracy %.4f ± %.4f, log-loss %.4f (%.1f s)",
         settings.type,

@@ -1,14 +1,10 @@
 """The parameter_transfer pipeline, and the fine-tuning template structure_transfer shares."""
 
-from functools import partial, update_wrapper
-
 from kedro.pipeline import Node, Pipeline
 
+from transfer_learning.pipelines import bind
+
 from .nodes import package_image_model, resolve_recipe, split_train_val, train_model
-
-
-def _for_strategy(function, strategy: str):
-    return update_wrapper(partial(function, strategy=strategy), function)
 
 
 def finetuning_pipeline(strategy: str) -> Pipeline:
@@ -26,13 +22,13 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
                 name="split_train_val",
             ),
             Node(
-                func=_for_strategy(resolve_recipe, strategy),
+                func=bind(resolve_recipe, strategy=strategy),
                 inputs=["params:backbone", "params:finetune", "params:overrides", "data_profile"],
                 outputs="recipe",
                 name="resolve_recipe",
             ),
             Node(
-                func=_for_strategy(train_model, strategy),
+                func=bind(train_model, strategy=strategy),
                 inputs=[
                     "train_index",
                     "val_index",
@@ -46,7 +42,7 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
                 name="train_model",
             ),
             Node(
-                func=_for_strategy(package_image_model, strategy),
+                func=bind(package_image_model, strategy=strategy),
                 inputs=["model", "class_names"],
                 outputs="image_model",
                 name="package_image_model",

@@ -6,9 +6,10 @@ The model is `predict_model` in the catalog: the latest `image_model` of the str
 """
 
 from collections.abc import Sequence
-from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
+
+from transfer_learning.pipelines import bind
 
 from .nodes import list_images, predict_images
 
@@ -18,9 +19,7 @@ def create_pipeline(strategies: Sequence[str] = (), **kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
-                func=update_wrapper(
-                    partial(list_images, strategies=tuple(strategies)), list_images
-                ),
+                func=bind(list_images, strategies=tuple(strategies)),
                 inputs="params:predict",
                 outputs="images_to_label",
                 name="list_images",
