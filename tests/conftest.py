@@ -59,3 +59,18 @@ def cifar10_tree(tmp_path_factory) -> Path:
     with tarfile.open(CIFAR10_ARCHIVE) as archive:
         archive.extractall(target, filter="data")
     return target
+
+
+def backbone_choice_inputs(seed: int = 0) -> dict:
+    """Catalog entries `resolve_backbone` reads besides `params:backbone`, as in a fresh project:
+    no backbone ranking saved yet (the catalog's optional dataset), default selection settings."""
+    from kedro.io import MemoryDataset
+
+    from transfer_learning.datasets import TableDataset
+
+    never_saved = PROJECT_ROOT / "tests" / "never_saved" / "backbone_ranking.csv"
+    return {
+        "backbone_ranking": TableDataset(str(never_saved), missing_ok=True),
+        "params:selection": MemoryDataset({}),
+        "params:seed": MemoryDataset(seed),
+    }

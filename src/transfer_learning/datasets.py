@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import numpy as np
+import pandas as pd
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 
 
@@ -102,3 +103,32 @@ class MlflowParamsDataset(AbstractDataset):
 
     def _describe(self) -> dict[str, Any]:
         return {"prefix": self.prefix}
+
+
+class TableDataset(_VersionedFile):
+    """A pandas table in one versioned, atomically written CSV file.
+
+    With `missing_ok`, loading before anything was saved gives None instead of an error: for
+    inputs that are optional, such as the backbone ranking `backbone.name: auto` reads.
+    """
+
+    def __init__(
+        self,
+        filepath: str,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+        missing_ok: bool = False,
+    ) -> None:
+        super().__init__(filepath, version, metadata)
+        self.missing_ok = missing_ok
+
+    def load(self) -> pd.DataFrame | None:
+        if self.missing_ok and not self.exists():
+            return None
+        return pd.read_csv(self._get_load_path())
+
+    def save(self, data: pd.DataFrame) -> None:
+        write_atomically(
+            Path(self._get_save_path()),
+            lambda stream: stream.write(data.to_csv(index=False).encode()),
+        )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from kedro.pipeline import Pipeline
 
 from transfer_learning.pipelines import (
+    backbone_selection,
     comparison,
     data_ingestion,
     evaluation,
@@ -42,6 +43,7 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
     compare = comparison.create_pipeline(strategies)
     return {
         "data_ingestion": ingestion,
+        "backbone_selection": ingestion + backbone_selection.create_pipeline(),
         "feature_extraction": shared,
         **per_strategy,
         "evaluation": evaluation.create_pipeline(names),

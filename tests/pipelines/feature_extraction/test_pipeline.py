@@ -2,6 +2,7 @@ import numpy as np
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from tests.conftest import backbone_choice_inputs
 from transfer_learning.image_index import DataSettings, build_image_index
 from transfer_learning.pipelines.feature_extraction import create_pipeline
 
@@ -18,6 +19,7 @@ def test_extraction_pipeline_on_digits(tmp_path):
                 {"batch_size": 16, "num_workers": 0, "cache_dir": str(tmp_path), "progress": False}
             ),
             "params:device": MemoryDataset("cpu"),
+            **backbone_choice_inputs(),
         }
     )
     outputs = SequentialRunner().run(create_pipeline(), catalog)
@@ -39,6 +41,7 @@ def test_auto_image_size_follows_the_data_profile(tmp_path):
             "params:backbone": MemoryDataset({"image_size": "auto"}),
             "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
             "params:device": MemoryDataset("cpu"),
+            **backbone_choice_inputs(),
         }
     )
     outputs = SequentialRunner().run(create_pipeline(), catalog)

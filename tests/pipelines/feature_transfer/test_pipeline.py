@@ -5,6 +5,7 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.pickle import PickleDataset
 from sklearn.datasets import load_digits
 
+from tests.conftest import backbone_choice_inputs
 from transfer_learning.image_index import DataSettings, build_image_index
 from transfer_learning.pipelines import feature_extraction
 from transfer_learning.pipelines.evaluation import evaluation_for
@@ -74,6 +75,7 @@ def test_feature_transfer_and_evaluation_end_to_end(tmp_path):
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 64}),
             "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
             "params:device": MemoryDataset("cpu"),
+            **backbone_choice_inputs(),
             "params:head": MemoryDataset({"type": "logistic_regression"}),
             "params:seed": MemoryDataset(0),
             # Kept on disk: the runner releases in-memory intermediates once they are used.

@@ -21,7 +21,7 @@ def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
             "data_profile": MemoryDataset(
                 {"typical_short_side": 8, "n_train": 60, "mirror_symmetric": False}
             ),
-            "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 64}),
+            "backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 64}),
             "params:finetune": MemoryDataset(RECIPE),
             "params:training": MemoryDataset({"checkpoint_dir": str(tmp_path), "progress": False}),
             f"params:{strategy}": MemoryDataset(overrides),

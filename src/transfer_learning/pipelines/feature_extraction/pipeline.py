@@ -1,24 +1,39 @@
-"""The feature_extraction pipeline."""
+"""The feature_extraction pipeline: which backbone (resolving `auto`), then its features."""
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import extract_image_features
+from .nodes import extract_image_features, resolve_backbone
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
+                func=resolve_backbone,
+                inputs=[
+                    "params:backbone",
+                    "data_profile",
+                    "image_index",
+                    "backbone_ranking",
+                    "params:selection",
+                    "params:extraction",
+                    "params:seed",
+                    "params:device",
+                ],
+                outputs=["backbone", "backbone_choice"],
+                name="resolve_backbone",
+            ),
+            Node(
                 func=extract_image_features,
                 inputs=[
                     "image_index",
                     "data_profile",
-                    "params:backbone",
+                    "backbone",
                     "params:extraction",
                     "params:device",
                 ],
                 outputs=["image_features", "extraction_metrics"],
                 name="extract_image_features",
-            )
+            ),
         ]
     )

@@ -10,8 +10,8 @@ from .nodes import package_image_model, resolve_recipe, split_train_val, train_m
 def finetuning_pipeline(strategy: str) -> Pipeline:
     """Recipe → train → best-on-val checkpoint → image model, under the `strategy` namespace.
 
-    The shared `backbone` and `finetune` blocks are overridden by the `<strategy>` block's own
-    `backbone` and `finetune` keys; `training`, seed and device are shared.
+    The shared (resolved) `backbone` and the `finetune` block are overridden by the `<strategy>`
+    block's own `backbone` and `finetune` keys; `training`, seed and device are shared.
     """
     nodes = Pipeline(
         [
@@ -23,7 +23,7 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
             ),
             Node(
                 func=bind(resolve_recipe, strategy=strategy),
-                inputs=["params:backbone", "params:finetune", "params:overrides", "data_profile"],
+                inputs=["backbone", "params:finetune", "params:overrides", "data_profile"],
                 outputs="recipe",
                 name="resolve_recipe",
             ),
@@ -49,11 +49,11 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
             ),
         ]
     )
-    shared = ("backbone", "finetune", "training", "seed", "device")
+    shared = ("finetune", "training", "seed", "device")
     return Pipeline(
         nodes,
         namespace=strategy,
-        inputs={"image_index", "class_names", "data_profile"},
+        inputs={"image_index", "class_names", "data_profile", "backbone"},
         parameters={
             **{f"params:{name}": f"params:{name}" for name in shared},
             "params:overrides": f"params:{strategy}",
