@@ -17,7 +17,7 @@ import math
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from transfer_learning import transferability
 from transfer_learning.backbones import (
     AUTO,
     AUTO_MIN_IMAGE_SIZE,
+    BackboneError,
     BackboneSettings,
     auto_image_size,
     build_backbone,
@@ -450,3 +451,35 @@ def chosen_backbone(
     if pick["data_fingerprint"] != fingerprint:
         return None, "the latest backbone_ranking was made on other images"
     return pick, f"the latest backbone_ranking's best {pick['score']} ({pick['value']:.4g})"
+
+
+def choose_backbone(  # noqa: PLR0913 (what a ranking made on the spot needs)
+    settings: BackboneSettings,
+    image_index: pd.DataFrame,
+    data_profile: Mapping[str, Any],
+    saved_ranking: pd.DataFrame | None,
+    selection: SelectionSettings,
+    extraction: ExtractionSettings,
+    device: torch.device,
+    seed: int,
+) -> tuple[BackboneSettings, str]:
+    """`backbone.name: auto` → the pick of the saved ranking when it was made on these train+val
+    images, else of a ranking made now; the user's own image size wins over the pick's."""
+    if settings.weights_path is not None:
+        raise BackboneError(
+            "backbone.name=auto cannot use backbone.weights_path (a file is for one "
+            "architecture): name the architecture, or drop the file."
+        )
+    _, fingerprint = selection_images(image_index, selection.max_images, seed)
+    pick, reason = chosen_backbone(saved_ranking, fingerprint)
+    if pick is None:
+        logger.warning(
+            "backbone.name=auto: %s; ranking the candidates now (`kedro run "
+            "--pipelines=backbone_selection` saves a ranking that later runs reuse).",
+            reason,
+        )
+        ranking = rank_backbones(image_index, data_profile, selection, extraction, device, seed)
+        pick = recommendation(ranking)
+        reason = f"ranked now: best {pick['score']} ({pick['value']:.4g})"
+    image_size = pick["image_size"] if settings.image_size == AUTO else settings.image_size
+    return replace(settings, name=pick["name"], image_size=image_size), reason

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from transfer_learning.backbone_selection import (
-    SelectionSettings,
-    chosen_backbone,
-    rank_backbones,
-    recommendation,
-    selection_images,
-)
-from transfer_learning.backbones import (
-    AUTO,
-    BackboneError,
-    BackboneSettings,
-    build_backbone,
-    resolve_image_size,
-)
+from transfer_learning.backbone_selection import SelectionSettings, choose_backbone
+from transfer_learning.backbones import AUTO, BackboneSettings, build_backbone, resolve_image_size
 from transfer_learning.extraction import ExtractionSettings, extract_features, resolve_device
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
@@ -48,32 +36,16 @@ def resolve_backbone(  # noqa: PLR0913 (the selection's inputs, used only for na
     settings = BackboneSettings.from_params(backbone)
     reason = "backbone.name in the parameters"
     if settings.name == AUTO:
-        if settings.weights_path is not None:
-            raise BackboneError(
-                "backbone.name=auto cannot use backbone.weights_path (a file is for one "
-                "architecture): name the architecture, or drop the file."
-            )
-        selection_settings = SelectionSettings.from_params(selection)
-        _, fingerprint = selection_images(image_index, selection_settings.max_images, seed)
-        pick, reason = chosen_backbone(backbone_ranking, fingerprint)
-        if pick is None:
-            logger.warning(
-                "backbone.name=auto: %s; ranking the candidates now (`kedro run "
-                "--pipelines=backbone_selection` saves a ranking that later runs reuse).",
-                reason,
-            )
-            ranking = rank_backbones(
-                image_index,
-                data_profile,
-                selection_settings,
-                ExtractionSettings.from_params(extraction),
-                resolve_device(device),
-                seed,
-            )
-            pick = recommendation(ranking)
-            reason = f"ranked now: best {pick['score']} ({pick['value']:.4g})"
-        image_size = pick["image_size"] if settings.image_size == AUTO else settings.image_size
-        settings = replace(settings, name=pick["name"], image_size=image_size)
+        settings, reason = choose_backbone(
+            settings,
+            image_index,
+            data_profile,
+            backbone_ranking,
+            SelectionSettings.from_params(selection),
+            ExtractionSettings.from_params(extraction),
+            resolve_device(device),
+            seed,
+        )
     resolved = resolve_image_size(settings, data_profile["typical_short_side"])
     logger.info("Backbone %s at %s px (%s)", resolved.name, resolved.image_size, reason)
     choice = {"name": resolved.name, "image_size": resolved.image_size, "reason": reason}
