@@ -119,6 +119,7 @@ def benchmark(name: str, folder: Path, finetune_top: int) -> str:
     )
     scoring = ranking["scoring_seconds"].sum()
     extraction = ranking["extraction_seconds"].sum()
+    share = f"{scoring / extraction:.1%}" if extraction else "n/a: features were cached"
     columns = [
         "candidate",
         *SCORES,
@@ -139,7 +140,7 @@ def benchmark(name: str, folder: Path, finetune_top: int) -> str:
             markdown_table(pd.DataFrame(rows)),
             "",
             f"Scoring all candidates: {scoring:.1f} s; extracting their features: "
-            f"{extraction:.1f} s ({scoring / extraction:.1%} of extraction; features cached "
+            f"{extraction:.1f} s ({share} of extraction; features cached "
             f"before: {int(ranking['features_cached'].sum())} of {len(ranking)}). "
             f"Whole ranking incl. probes: {ranking_seconds:.0f} s.",
             "",
