@@ -32,9 +32,8 @@ from transfer_learning.backbones import (
     AUTO_MIN_IMAGE_SIZE,
     BackboneError,
     BackboneSettings,
-    auto_image_size,
     build_backbone,
-    native_image_size,
+    resolve_image_size,
 )
 from transfer_learning.config import check_known_keys
 from transfer_learning.extraction import ExtractionSettings, extract_features
@@ -144,7 +143,7 @@ def resolve_candidates(
     else:
         chosen = []
         for name in OFFLINE_BACKBONES:
-            size = auto_image_size(native_image_size(name), typical_short_side)
+            size = _size(name, AUTO, typical_short_side)
             smaller = max(AUTO_MIN_IMAGE_SIZE, 16 * round(size * SMALLER_RESOLUTION / 16))
             chosen += [Candidate(name, s) for s in dict.fromkeys((size, smaller))]
     chosen = list(dict.fromkeys(chosen))
@@ -157,9 +156,7 @@ def resolve_candidates(
 
 
 def _size(name: str, image_size: int | str, typical_short_side: int | None) -> int:
-    if isinstance(image_size, int):
-        return image_size
-    return auto_image_size(native_image_size(name), typical_short_side)
+    return resolve_image_size(BackboneSettings(name, image_size), typical_short_side).image_size
 
 
 def selection_images(
@@ -289,13 +286,7 @@ def short_finetune_accuracy(
 
     backbone = {"name": candidate.name, "image_size": candidate.image_size}
     recipe = Recipe.from_params(backbone, {"steps": steps}, None, "selection").resolve(data_profile)
-    train, val = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
-    images = TrainValImages(
-        train["location"].tolist(),
-        train["label"].to_numpy(),
-        val["location"].tolist(),
-        val["label"].to_numpy(),
-    )
+    images = TrainValImages.from_index(rows[rows["split"] == "train"], rows[rows["split"] == "val"])
     with tempfile.TemporaryDirectory() as checkpoints:  # nothing to resume: thrown away
         run = TrainingRunSettings(checkpoint_dir=checkpoints, progress=False)
         result = train_classifier(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -221,6 +222,16 @@ class TrainValImages:
     train_labels: np.ndarray
     val_locations: Sequence[str]
     val_labels: np.ndarray
+
+    @classmethod
+    def from_index(cls, train: pd.DataFrame, val: pd.DataFrame) -> TrainValImages:
+        """From image-index rows (`location`, `label`) of the train and val splits."""
+        return cls(
+            train["location"].tolist(),
+            train["label"].to_numpy(),
+            val["location"].tolist(),
+            val["label"].to_numpy(),
+        )
 
 
 # ---- the network -----------------------------------------------------------------------------

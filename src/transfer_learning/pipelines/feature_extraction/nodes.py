@@ -54,20 +54,17 @@ def resolve_backbone(  # noqa: PLR0913 (the selection's inputs, used only for na
 
 def extract_image_features(
     image_index: pd.DataFrame,
-    data_profile: dict[str, Any],
     backbone: dict[str, Any],
     extraction: dict[str, Any],
     device: str,
 ) -> tuple[dict[str, np.ndarray], MlflowMetrics]:
-    """Run every image of the index through the frozen backbone.
+    """Run every image of the index through the frozen backbone (`backbone`: resolved by
+    `resolve_backbone`, no `auto` left).
 
     Returns arrays `features` (n, d) float32, `label`, `split` and `location` in index order,
     plus the backbone's name and (resolved) image size, and extraction metrics for MLflow.
     """
-    backbone_settings = resolve_image_size(
-        BackboneSettings.from_params(backbone), data_profile["typical_short_side"]
-    )
-    model = build_backbone(backbone_settings)
+    model = build_backbone(BackboneSettings.from_params(backbone))
     result = extract_features(
         model,
         image_index["location"].tolist(),

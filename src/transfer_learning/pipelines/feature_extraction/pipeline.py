@@ -25,13 +25,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=extract_image_features,
-                inputs=[
-                    "image_index",
-                    "data_profile",
-                    "backbone",
-                    "params:extraction",
-                    "params:device",
-                ],
+                inputs=["image_index", "backbone", "params:extraction", "params:device"],
                 outputs=["image_features", "extraction_metrics"],
                 name="extract_image_features",
             ),

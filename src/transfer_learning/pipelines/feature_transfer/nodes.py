@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from transfer_learning.backbones import BackboneSettings, build_backbone, resolve_image_size
+from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.heads import HeadSettings, select_and_fit
 from transfer_learning.serving import ImageClassifier
 
@@ -90,14 +90,10 @@ def _head_parameter_count(model: Pipeline) -> int:
 def package_image_model(
     head_model: Pipeline,
     class_names: dict[str, list[str]],
-    data_profile: dict[str, Any],
     backbone: dict[str, Any],
 ) -> ImageClassifier:
     """The deployable images → probabilities model: backbone weights, preprocessing and head."""
-    settings = resolve_image_size(
-        BackboneSettings.from_params(backbone), data_profile["typical_short_side"]
-    )
-    features = build_backbone(settings)
+    features = build_backbone(BackboneSettings.from_params(backbone))
     return ImageClassifier(
         strategy="feature_transfer",
         classes=class_names["classes"],

@@ -26,7 +26,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=package_image_model,
-                inputs=["model", "class_names", "data_profile", "backbone"],
+                inputs=["model", "class_names", "backbone"],
                 outputs="image_model",
                 name="package_image_model",
             ),
@@ -35,6 +35,6 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         nodes,
         namespace="feature_transfer",
-        inputs={"image_features", "class_names", "data_profile", "backbone"},
+        inputs={"image_features", "class_names", "backbone"},
         parameters={"params:head", "params:seed"},
     )

@@ -65,12 +65,7 @@ def train_model(
     MLflow PyTorch model), the training summary and the per-epoch metric histories.
     """
     n_classes = len(class_names["classes"])
-    images = TrainValImages(
-        train_index["location"].tolist(),
-        train_index["label"].to_numpy(),
-        val_index["location"].tolist(),
-        val_index["label"].to_numpy(),
-    )
+    images = TrainValImages.from_index(train_index, val_index)
     result = train_classifier(
         images,
         n_classes,
