@@ -7,6 +7,7 @@ from kedro.config import OmegaConfigLoader
 
 from tests.conftest import PROJECT_ROOT
 from transfer_learning.backbones import BackboneSettings
+from transfer_learning.domain_adaptation import AdaptationSettings
 from transfer_learning.extraction import ExtractionSettings
 from transfer_learning.finetune import Recipe, TrainingRunSettings
 from transfer_learning.heads import HeadSettings
@@ -28,6 +29,7 @@ def test_shipped_parameters_are_all_known_and_valid(env):
     ExtractionSettings.from_params(params["extraction"])
     HeadSettings.from_params(params["head"])
     TrainingRunSettings.from_params(params["training"])
+    assert AdaptationSettings.from_params(params["adaptation"]) == AdaptationSettings()
     for strategy in ("parameter_transfer", "structure_transfer"):
         Recipe.from_params(params["backbone"], params["finetune"], params[strategy], strategy)
 

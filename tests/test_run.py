@@ -371,6 +371,7 @@ def test_viz_build_shows_every_pipeline_in_layers(default_run):
         "structure_transfer",
         "evaluation",
         "predict",
+        "domain_adaptation",
     } <= pipelines
     assert set(graph["layers"]) == {
         "raw",
@@ -386,6 +387,9 @@ def test_viz_build_shows_every_pipeline_in_layers(default_run):
         layer_of["image_features"] == "feature"
         and layer_of["parameter_transfer.metrics"] == "reporting"
     )
+    assert layer_of["target_index"] == "intermediate" and layer_of["target_features"] == "feature"
+    assert layer_of["adapted_image_models"] == "models"
+    assert layer_of["domain_adaptation_report"] == "reporting"
 
 
 def test_notebook_runs_top_to_bottom(default_run):
@@ -404,3 +408,70 @@ def test_notebook_runs_top_to_bottom(default_run):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     # A confusion matrix and a reliability diagram per strategy.
     assert len(images) == 2 * len(STRATEGY_NAMES)
+
+
+def noisy_digit_folders(folder: Path, per_class: int = 15) -> Path:
+    """Real digits under heavy pixel noise, in class folders: a target domain with labels."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    for digit in range(10):
+        for i in np.flatnonzero(digits.target == digit)[-per_class:]:
+            pixels = np.clip(digits.images[i] * 16 + rng.normal(0, 60, (8, 8)), 0, 255)
+            (folder / str(digit)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / str(digit) / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adaptation_run(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("adaptation"))
+    target = noisy_digit_folders(tmp_path_factory.mktemp("noisy_digits"))
+    completed = kedro(
+        project, "--pipelines=domain_adaptation", f"--params=data.target_path={target}"
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return project, target
+
+
+def test_domain_adaptation_run_reports_saves_and_registers_every_method(adaptation_run):
+    project, target = adaptation_run
+    reports = project / "data" / "08_reporting"
+    metrics = json.loads((reports / "domain_adaptation_metrics.json").read_text())
+    assert list(metrics["feature_transfer"]) == ["source_only", "target_standardisation", "coral"]
+    assert list(metrics["parameter_transfer"]) == ["source_only", "adabn", "tent", "mcc"]
+    assert metrics["n_target_test"] == 75 and metrics["n_target_adapt"] == 75
+    fine_tuned = metrics["parameter_transfer"]
+    # Heavy noise on 8 px digits: re-estimated BatchNorm statistics recover much of the loss.
+    assert (
+        fine_tuned["adabn"]["target_accuracy"] > fine_tuned["source_only"]["target_accuracy"] + 0.1
+    )
+    assert (reports / "domain_adaptation.png").stat().st_size > 0
+    assert "## How different are the domains?" in (reports / "domain_adaptation.md").read_text()
+    listing = json.loads(
+        next(
+            (project / "data" / "06_models" / "adapted_image_models.json").glob("*/*.json")
+        ).read_text()
+    )
+    assert len(listing["models"]) == 5
+    for name in listing["models"]:
+        saved = project / "data" / "06_models" / name / "image_model" / listing["version"]
+        assert (saved / "image_model" / "MLmodel").exists(), name
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    registered = {m.name for m in client.search_registered_models()}
+    assert {f"transfer_learning_{name}" for name in listing["models"]} <= registered
+
+
+def test_predict_uses_an_adapted_model(adaptation_run, tmp_path):
+    project, target = adaptation_run
+    completed = kedro(
+        project,
+        "--pipelines=predict",
+        f"--params=predict.path={target / '3'},predict.strategy=parameter_transfer_adabn",
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    predictions = pd.read_csv(project / "data" / "07_model_output" / "predictions.csv")
+    assert len(predictions) == 15 and (predictions["error"].isna()).all()

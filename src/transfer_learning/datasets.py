@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -132,3 +133,90 @@ class TableDataset(_VersionedFile):
             Path(self._get_save_path()),
             lambda stream: stream.write(data.to_csv(index=False).encode()),
         )
+
+
+class ImageModelsDataset(_VersionedFile):
+    """Several deployable image models (a dict name → `ImageClassifier`), each saved where and
+    as a strategy's `image_model` is — `<folder>/<name>/image_model/<version>/image_model`, an
+    MLflow pyfunc model — all under this dataset's version, so `predict.strategy=<name>` and
+    `--load-versions=predict_model:<version>` find them like any strategy's model.
+
+    `filepath` is the versioned JSON list of the names a version holds; loading gives the models
+    of the latest (or the pinned) version.
+    """
+
+    def __init__(
+        self,
+        filepath: str,
+        folder: str,
+        save_args: dict[str, Any] | None = None,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(filepath, version, metadata)
+        self.folder = folder
+        self.save_args = save_args or {}
+
+    def _model_dataset(self, name: str, version: Version):
+        from kedro_mlflow.io.models import MlflowModelLocalFileSystemDataset
+
+        # Absolute: MLflow turns a model's folder into a file URI (the catalog's own entries
+        # get the same treatment from kedro-mlflow).
+        return MlflowModelLocalFileSystemDataset(
+            filepath=str(Path(self.folder).resolve() / name / "image_model"),
+            flavor="mlflow.pyfunc",
+            pyfunc_workflow="python_model",
+            save_args=self.save_args,
+            version=version,
+        )
+
+    def load(self) -> dict[str, Any]:
+        manifest = json.loads(Path(self._get_load_path()).read_text())
+        return {
+            name: self._model_dataset(name, Version(manifest["version"], None)).load()
+            for name in manifest["models"]
+        }
+
+    def save(self, data: dict[str, Any]) -> None:
+        version = self.resolve_save_version()
+        for name, model in data.items():
+            self._model_dataset(name, Version(None, version)).save(model)
+        # Written last: a run that fails half-way leaves no list naming missing models.
+        manifest = json.dumps({"version": version, "models": sorted(data)}, indent=2)
+        write_atomically(
+            Path(self._get_save_path()), lambda stream: stream.write(manifest.encode())
+        )
+
+
+class RegisteredImageModelsDataset(AbstractDataset):
+    """Logs each image model of a dict name → model to the active MLflow run and registers it
+    as `<prefix><name>` (write only), as a strategy's `registered_image_model` is."""
+
+    def __init__(
+        self,
+        prefix: str,
+        save_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.save_args = save_args or {}
+        self.metadata = metadata
+
+    def load(self) -> dict[str, Any]:
+        raise DatasetError("Registered models are read from the MLflow model registry.")
+
+    def save(self, data: dict[str, Any]) -> None:
+        import mlflow
+
+        if mlflow.active_run() is None:
+            return
+        for name, model in data.items():
+            mlflow.pyfunc.log_model(
+                name=f"{name}_image_model",
+                python_model=model,
+                registered_model_name=f"{self.prefix}{name}",
+                **self.save_args,
+            )
+
+    def _describe(self) -> dict[str, Any]:
+        return {"prefix": self.prefix}

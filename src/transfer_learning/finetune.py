@@ -302,7 +302,9 @@ def trainable_parameter_count(model: Classifier, settings: FinetuneSettings) -> 
 # ---- data ------------------------------------------------------------------------------------
 
 
-class _Labelled(Dataset):
+class LabelledImages(Dataset):
+    """Images with their labels: (uint8 image, label) pairs."""
+
     def __init__(self, images: ImageDataset, labels: torch.Tensor) -> None:
         self.images, self.labels = images, labels
 
@@ -343,6 +345,16 @@ class TrainingData:
         )
 
 
+def train_augmentation(settings: FinetuneSettings, size: int) -> v2.Compose:
+    """Random resized crops (and flips when the recipe has them) to `size` px, on uint8 images."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=settings.crop_scale, antialias=True),
+            *([v2.RandomHorizontalFlip()] if settings.hflip else []),
+        ]
+    )
+
+
 def build_training_data(
     images: TrainValImages,
     backbone: Backbone,
@@ -358,12 +370,7 @@ def build_training_data(
         else resolve_num_workers(run.num_workers, device)
     )
     size = backbone.preprocessing.image_size
-    augment = v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=settings.crop_scale, antialias=True),
-            *([v2.RandomHorizontalFlip()] if settings.hflip else []),
-        ]
-    )
+    augment = train_augmentation(settings, size)
     train_labels = torch.tensor(np.asarray(images.train_labels), dtype=torch.long)
     val_loader = image_loader(
         ImageDataset(images.val_locations, min_size=size),
@@ -373,7 +380,9 @@ def build_training_data(
         collate_fn=EvalCollate(backbone.preprocessing),
     )
     return TrainingData(
-        train=_Labelled(ImageDataset(images.train_locations, augment, min_size=size), train_labels),
+        train=LabelledImages(
+            ImageDataset(images.train_locations, augment, min_size=size), train_labels
+        ),
         val_loader=val_loader,
         val_labels=torch.tensor(np.asarray(images.val_labels), dtype=torch.long),
         train_labels=train_labels,

@@ -10,7 +10,7 @@ import inspect
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,8 @@ class DataSettings:
     test_fraction: float = 0.2
     on_corrupt: str = "error"
     download_dir: str = "data/01_raw/torchvision"
+    target_path: str | None = None  # domain_adaptation: images of the domain to adapt to
+    target_test_fraction: float = 0.5  # of labelled target images, held out for evaluation
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> DataSettings:
@@ -82,7 +84,7 @@ class DataSettings:
             raise DataSourceError(
                 "data.source=torchvision needs data.name, e.g. data.name=CIFAR10."
             )
-        for key in ("val_fraction", "test_fraction"):
+        for key in ("val_fraction", "test_fraction", "target_test_fraction"):
             value = getattr(self, key)
             if not isinstance(value, int | float) or not 0 < value < 1:
                 raise DataSourceError(f"data.{key}={value!r} must be a number between 0 and 1.")
@@ -131,6 +133,67 @@ def profile_images(frame: pd.DataFrame, settings: DataSettings, seed: int) -> di
         "min_val_per_class": int(val_counts.min()) if len(val_counts) else 0,
         "mirror_symmetric": bool(mirror_symmetric),
     }
+
+
+def index_target_images(
+    settings: DataSettings, classes: Sequence[str], seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The target-domain images under `data.target_path` and the files skipped as unreadable.
+
+    Columns as the image index; `split` is `adapt` (reaches adaptation, without labels) or
+    `test` (read by evaluation alone). Class folders named like source classes — directly or
+    under train/ val/ test/ — make the folder labelled: test/ (or else a stratified, seeded
+    `data.target_test_fraction` draw) is the target test split and the rest is `adapt`. Any other
+    layout is unlabelled (label -1): every image at any depth is `adapt`.
+    """
+    if not settings.target_path:
+        raise DataSourceError(
+            "domain_adaptation needs data.target_path: a folder of images from the domain to "
+            'adapt to, e.g. --params="data.target_path=/data/new_camera".'
+        )
+    root = Path(settings.target_path)
+    if not root.is_dir():
+        raise DataSourceError(
+            f"data.target_path={settings.target_path!r} is not a folder; point it at the folder "
+            "of target-domain images (class folders optional)."
+        )
+    if _has_source_class_folders(root, classes):
+        frame, _ = _scan_image_folder(root)
+        label_of = {name: label for label, name in enumerate(classes)}
+        frame["label"] = frame["class_name"].map(label_of).astype(np.int64)
+        frame["split"] = frame["split"].map({"test": "test"}).astype(object)
+    else:
+        files = _image_files(root)
+        if not files:
+            raise DataSourceError(
+                f"data.target_path={settings.target_path!r} holds no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))})."
+            )
+        frame = pd.DataFrame({"location": files, "label": -1, "class_name": "", "split": "adapt"})
+    frame, skipped = _drop_unreadable(frame.reset_index(drop=True), settings.on_corrupt)
+    frame = frame.reset_index(drop=True)
+    if frame["split"].isna().all():
+        fraction = settings.target_test_fraction
+        _draw(frame, frame.index, fraction, seed + 2, "test", "data.target_test_fraction")
+    frame["split"] = frame["split"].fillna("adapt")
+    return frame, skipped
+
+
+def _has_source_class_folders(root: Path, classes: Sequence[str]) -> bool:
+    top = _class_folders(root)
+    if top and all(entry.name in SPLITS for entry in top):
+        top = [folder for split in top for folder in _class_folders(split)]
+    names = {entry.name for entry in top}
+    if names and names <= set(classes):
+        return True
+    if names & set(classes):
+        logger.warning(
+            "%s: folders %s are not source classes, so its labels are not used (unlabelled "
+            "target); name class folders exactly as the source's to get a target test split.",
+            root,
+            ", ".join(sorted(names - set(classes))),
+        )
+    return False
 
 
 def _index_digits() -> tuple[pd.DataFrame, list[str]]:

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline
 
+from transfer_learning.domain_adaptation import ADAPTED_MODEL_NAMES
 from transfer_learning.pipelines import (
     backbone_selection,
     comparison,
     data_ingestion,
+    domain_adaptation,
     evaluation,
     feature_extraction,
     predict,
@@ -41,6 +43,7 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
             shared.to_outputs(*(own.inputs() & shared.all_outputs())) + own
         )
     compare = comparison.create_pipeline(strategies)
+    adaptation = _domain_adaptation(shared, strategies)
     return {
         "data_ingestion": ingestion,
         "backbone_selection": ingestion + backbone_selection.create_pipeline(),
@@ -48,6 +51,21 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
         **per_strategy,
         "evaluation": evaluation.create_pipeline(names),
         "comparison": compare,
-        "predict": predict.create_pipeline(names),
+        **({"domain_adaptation": adaptation} if adaptation is not None else {}),
+        "predict": predict.create_pipeline([*names, *ADAPTED_MODEL_NAMES]),
         "__default__": sum(per_strategy.values(), Pipeline([])) + compare,
     }
+
+
+def _domain_adaptation(shared: Pipeline, strategies: Sequence[Strategy]) -> Pipeline | None:
+    """Source training of the two strategies it adapts, then the adaptation; the shared stages
+    only as far as they are needed."""
+    by_name = {strategy.name: strategy for strategy in strategies}
+    if not {"feature_transfer", "parameter_transfer"} <= set(by_name):
+        return None
+    own = (
+        by_name["feature_transfer"].create_pipeline()
+        + by_name["parameter_transfer"].create_pipeline()
+        + domain_adaptation.create_pipeline()
+    )
+    return shared.to_outputs(*(own.inputs() & shared.all_outputs())) + own
