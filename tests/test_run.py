@@ -387,7 +387,13 @@ def test_viz_build_shows_every_pipeline_in_layers(default_run):
         layer_of["image_features"] == "feature"
         and layer_of["parameter_transfer.metrics"] == "reporting"
     )
+    # A pipeline outside __default__ has its own graph.
+    adaptation = json.loads(
+        (project / "build" / "api" / "pipelines" / "domain_adaptation").read_text()
+    )
+    layer_of = {n["name"]: n.get("layer") for n in adaptation["nodes"] if n["type"] == "data"}
     assert layer_of["target_index"] == "intermediate" and layer_of["target_features"] == "feature"
+    assert layer_of["target_images"] == "model_input"
     assert layer_of["adapted_image_models"] == "models"
     assert layer_of["domain_adaptation_report"] == "reporting"
 
