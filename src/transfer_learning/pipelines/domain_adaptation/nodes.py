@@ -40,7 +40,10 @@ from transfer_learning.pipelines.evaluation.nodes import (
     score_test_split,
     select_test_split,
 )
-from transfer_learning.pipelines.parameter_transfer.nodes import package_image_model
+from transfer_learning.pipelines.feature_transfer.nodes import package_image_model as package_head
+from transfer_learning.pipelines.parameter_transfer.nodes import (
+    package_image_model as package_network,
+)
 from transfer_learning.serving import ImageClassifier
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
@@ -205,21 +208,13 @@ def package_adapted_models(
 ) -> dict[str, ImageClassifier]:
     """Every adapted head or network as a deployable image model, named `<strategy>_<method>`."""
     models = {}
-    features = None
     for method, adapted_model in (item for group in adapted for item in group.items()):
         name = adapted_model_name(method)
-        if isinstance(adapted_model, Pipeline):
-            features = features or build_backbone(BackboneSettings.from_params(backbone))
-            models[name] = ImageClassifier(
-                strategy=name,
-                classes=class_names["classes"],
-                backbone_name=features.name,
-                image_size=features.preprocessing.image_size,
-                network_state=features.features.state_dict(),
-                head=adapted_model,
-            )
-        else:
-            models[name] = package_image_model(adapted_model, class_names, strategy=name)
+        models[name] = (
+            package_head(adapted_model, class_names, backbone, strategy=name)
+            if isinstance(adapted_model, Pipeline)
+            else package_network(adapted_model, class_names, strategy=name)
+        )
     return models
 
 

@@ -91,11 +91,13 @@ def package_image_model(
     head_model: Pipeline,
     class_names: dict[str, list[str]],
     backbone: dict[str, Any],
+    strategy: str = "feature_transfer",
 ) -> ImageClassifier:
-    """The deployable images → probabilities model: backbone weights, preprocessing and head."""
+    """The deployable images → probabilities model: backbone weights, preprocessing and head
+    (`strategy`: its name; domain_adaptation packages adapted heads as `feature_transfer_<method>`)."""
     features = build_backbone(BackboneSettings.from_params(backbone))
     return ImageClassifier(
-        strategy="feature_transfer",
+        strategy=strategy,
         classes=class_names["classes"],
         backbone_name=features.name,
         image_size=features.preprocessing.image_size,
