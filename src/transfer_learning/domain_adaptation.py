@@ -20,7 +20,6 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,19 +33,18 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.utils.data import Dataset
 
-from transfer_learning.backbones import BackboneSettings
 from transfer_learning.config import check_known_keys
 from transfer_learning.extraction import (
     EvalCollate,
     ImageDataset,
     Normaliser,
-    cpu_threads,
     image_loader,
 )
 from transfer_learning.finetune import (
     LabelledImages,
     Recipe,
-    build_classifier,
+    isolated_randomness_and_threads,
+    network_from_checkpoint,
     parameter_groups,
     train_augmentation,
 )
@@ -367,17 +365,7 @@ class SourceBatches:
     device: torch.device
 
     def forever(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for repeat in itertools.count():
-            generator = torch.Generator().manual_seed(seed * 1000 + repeat)
-            yield from image_loader(
-                self.dataset,
-                self.batch_size,
-                0,
-                self.device,
-                shuffle=True,
-                generator=generator,
-                drop_last=len(self.dataset) >= self.batch_size,
-            )
+        return _batches_forever(self.dataset, self.batch_size, self.device, seed)
 
 
 def train_mcc(
@@ -402,7 +390,7 @@ def train_mcc(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / settings.steps))
     )
     target_data = ImageDataset(target.locations, target_augment, target.collate.transform.size)
-    target_batches = _cycle_target(target_data, source.batch_size, target.device, seed + 1)
+    target_batches = _batches_forever(target_data, source.batch_size, target.device, seed + 1)
     source_batches = source.forever(seed)
     history = []
     network.train()
@@ -434,7 +422,8 @@ def train_mcc(
     return network.eval(), history
 
 
-def _cycle_target(dataset: Dataset, batch_size: int, device: torch.device, seed: int):
+def _batches_forever(dataset: Dataset, batch_size: int, device: torch.device, seed: int):
+    """Full batches, reshuffled on every pass by (seed, pass), without end."""
     batch_size = min(batch_size, len(dataset))
     for repeat in itertools.count():
         generator = torch.Generator().manual_seed(seed * 1000 + repeat)
@@ -480,12 +469,8 @@ class SourceNetwork:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Mapping[str, Any], device: torch.device) -> SourceNetwork:
-        settings = BackboneSettings(
-            name=checkpoint["backbone_name"], image_size=checkpoint["image_size"], pretrained=False
-        )
-        network, backbone = build_classifier(settings, checkpoint["n_classes"], seed=0)
-        network.load_state_dict(checkpoint["state_dict"])
-        network = network.to(device).to(memory_format=torch.channels_last).eval()
+        network, backbone = network_from_checkpoint(checkpoint)
+        network = network.to(device).to(memory_format=torch.channels_last)
         preprocessing = backbone.preprocessing
         return cls(
             network,
@@ -511,7 +496,7 @@ def adabn_checkpoint(
 ) -> dict[str, Any]:
     """The fine-tuned checkpoint with BatchNorm statistics of the target images (AdaBN)."""
     source = SourceNetwork.from_checkpoint(checkpoint, device)
-    with _isolated(device):
+    with isolated_randomness_and_threads(device):
         adapt_batchnorm(source.network, source.target_images(target_locations))
     return source.adapted_checkpoint()
 
@@ -525,7 +510,7 @@ def tent_checkpoint(
 ) -> dict[str, Any]:
     """The fine-tuned checkpoint after TENT on the target images (see `tent`)."""
     source = SourceNetwork.from_checkpoint(checkpoint, device)
-    with _isolated(device):
+    with isolated_randomness_and_threads(device):
         tent(source.network, source.target_images(target_locations), settings, seed)
     return source.adapted_checkpoint()
 
@@ -552,7 +537,7 @@ def mcc_checkpoint(  # noqa: PLR0913 (source data, target data, recipe, settings
         torch.tensor(np.array(source_labels), dtype=torch.long),
     )
     network = source.network
-    with _isolated(device):
+    with isolated_randomness_and_threads(device):
         _, history = train_mcc(
             network,
             SourceBatches(labelled, int(recipe.finetune.batch_size), device),
@@ -564,12 +549,3 @@ def mcc_checkpoint(  # noqa: PLR0913 (source data, target data, recipe, settings
             label_smoothing=recipe.finetune.label_smoothing,
         )
     return source.adapted_checkpoint(), history
-
-
-@contextmanager
-def _isolated(device: torch.device) -> Iterator[None]:
-    """Torch's global RNG and CPU thread count are the caller's again afterwards."""
-    threads = cpu_threads() if device.type == "cpu" else nullcontext()
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with threads, torch.random.fork_rng(devices=rng_devices):
-        yield

@@ -15,8 +15,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -265,14 +265,19 @@ def build_classifier(
 
 def classifier_from_checkpoint(checkpoint: Mapping[str, Any]) -> Classifier:
     """Rebuild a trained classifier from its checkpoint, with no download: every weight is in it."""
+    return network_from_checkpoint(checkpoint)[0]
+
+
+def network_from_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[Classifier, Backbone]:
+    """The trained classifier (in eval mode) and its backbone's description (preprocessing)."""
     settings = BackboneSettings(
         name=checkpoint["backbone_name"],
         image_size=checkpoint["image_size"] or None,
         pretrained=False,
     )
-    model, _ = build_classifier(settings, checkpoint["n_classes"], seed=0)
+    model, backbone = build_classifier(settings, checkpoint["n_classes"], seed=0)
     model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
+    return model.eval(), backbone
 
 
 def training_phase(settings: FinetuneSettings, epoch: int) -> str:
@@ -673,10 +678,18 @@ def train_classifier(
             f"The recipe still has 'auto' values ({', '.join(unresolved) or 'image_size'}): "
             "resolve it from the data profile first (Recipe.resolve)."
         )
+    with isolated_randomness_and_threads(device):
+        return _epoch_loop(images, n_classes, recipe, run, seed, device, run_name)
+
+
+@contextmanager
+def isolated_randomness_and_threads(device: torch.device) -> Iterator[None]:
+    """Training on a forked RNG and (on CPU) the training thread count: torch's global RNG and
+    thread count are the caller's again afterwards."""
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     threads = cpu_threads() if device.type == "cpu" else nullcontext()
     with threads, torch.random.fork_rng(devices=rng_devices):
-        return _epoch_loop(images, n_classes, recipe, run, seed, device, run_name)
+        yield
 
 
 @dataclass

@@ -279,9 +279,8 @@ def _scores(model, model_name: str, target_test, source_test, names) -> dict[str
     else:
         scores.update(target_accuracy=None, target_balanced_accuracy=None, target_ece=None)
     source = score_test_split(model, source_test)
-    scores["source_test_accuracy"] = float(
-        (source["probabilities"].argmax(axis=1) == source["label"]).mean()
-    )
+    source_metrics, *_ = evaluate_predictions(source["label"], source["probabilities"], names)
+    scores["source_test_accuracy"] = source_metrics["accuracy"]
     return scores
 
 
