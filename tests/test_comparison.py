@@ -10,6 +10,7 @@ from transfer_learning.comparison import (
     comparison_figure,
     comparison_markdown,
     comparison_table,
+    recall_table,
 )
 
 
@@ -26,7 +27,13 @@ def report(strategy: str, accuracy: float, **extra) -> dict:
 
 REPORTS = [
     report("feature_transfer", 0.90, image_size=224),
-    report("parameter_transfer", 0.955, image_size=224),
+    report(
+        "parameter_transfer",
+        0.955,
+        image_size=224,
+        balanced_accuracy=0.9,
+        recall={"cat": 1.0, "dog": 0.8},
+    ),
     report("structure_transfer", 0.93, image_size=224),
     report("nearest_neighbour_transfer", 0.80),
 ]
@@ -41,7 +48,8 @@ def test_every_strategy_gets_a_row_in_the_order_given():
         line for line in markdown.splitlines() if line.startswith("| ") and "strategy" not in line
     ]
     assert [row.split(" | ")[0][2:] for row in rows] == [r["strategy"] for r in REPORTS]
-    assert "| parameter_transfer | 0.9550 | 0.9450 | 0.0500 | 12.5 | 1,000 | 224 |" in rows
+    assert "| parameter_transfer | 0.9550 | 0.9000 | 0.9450 | 0.0500 | 12.5 | 1,000 | 224 |" in rows
+    assert rows[0].startswith("| feature_transfer | 0.9000 | – |")  # no balanced accuracy
     assert rows[-1].endswith("| 1,000 | – |")  # a strategy that reports no image size
     assert "Best test accuracy: **parameter_transfer**" in markdown
     # 0.955 − 0.93 = 2.5 points.
@@ -49,6 +57,12 @@ def test_every_strategy_gets_a_row_in_the_order_given():
         "What the pretrained weights are worth here: parameter_transfer − structure_transfer "
         "= +2.5 accuracy points." in markdown
     )
+
+
+def test_per_class_recall_sits_under_the_table_for_every_strategy():
+    markdown = comparison_markdown(comparison_table(REPORTS), [], recall_table(REPORTS))
+    assert "## Per-class recall (test)" in markdown
+    assert "| dog | – | 0.8000 | – | – |" in markdown
 
 
 def test_a_control_without_its_pair_is_left_out():

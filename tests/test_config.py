@@ -12,6 +12,7 @@ from transfer_learning.extraction import ExtractionSettings
 from transfer_learning.finetune import Recipe, TrainingRunSettings
 from transfer_learning.heads import HeadSettings
 from transfer_learning.image_index import DataSettings
+from transfer_learning.learning_curve import CurveSettings
 from transfer_learning.settings import CONFIG_LOADER_ARGS
 
 
@@ -30,6 +31,8 @@ def test_shipped_parameters_are_all_known_and_valid(env):
     HeadSettings.from_params(params["head"])
     TrainingRunSettings.from_params(params["training"])
     assert AdaptationSettings.from_params(params["adaptation"]) == AdaptationSettings()
+    assert CurveSettings.from_params(params["curve"]) == CurveSettings()
+    assert HeadSettings.from_params(params["head"]).type == HeadSettings().type == "auto"
     for strategy in ("parameter_transfer", "structure_transfer"):
         Recipe.from_params(params["backbone"], params["finetune"], params[strategy], strategy)
 

@@ -24,7 +24,9 @@ def test_every_head_type_learns(splits, head_type):
 
 def test_regularisation_is_chosen_on_val(splits):
     train, val, _ = splits
-    fitted = select_and_fit(train, val, HeadSettings(grid={"C": [1e-4, 1.0]}), seed=0)
+    fitted = select_and_fit(
+        train, val, HeadSettings(type="logistic_regression", grid={"C": [1e-4, 1.0]}), seed=0
+    )
     assert [row["C"] for row in fitted.search] == [1e-4, 1.0]
     best = max(fitted.search, key=lambda row: row["val_accuracy"])
     assert fitted.best_params == {"C": best["C"]} and fitted.val_accuracy == best["val_accuracy"]
@@ -38,7 +40,9 @@ def test_scaler_is_inside_the_pipeline_and_fitted_on_training_data_only(splits):
 
 def test_balanced_class_weight_reaches_the_classifier():
     assert (
-        build_head(HeadSettings(class_weight="balanced"), seed=0)["classifier"].class_weight
+        build_head(HeadSettings(type="logistic_regression", class_weight="balanced"), seed=0)[
+            "classifier"
+        ].class_weight
         == "balanced"
     )
 
@@ -81,7 +85,7 @@ def separable(n_per_class: int, seed: int):
 
 def test_ties_on_accuracy_go_to_the_lower_log_loss_not_to_grid_order():
     train, val = separable(40, 0), separable(60, 1)
-    settings = HeadSettings(grid={"C": [0.001, 1.0]}, selection="val")
+    settings = HeadSettings(type="logistic_regression", grid={"C": [0.001, 1.0]}, selection="val")
     fitted = select_and_fit(train, val, settings, seed=0)
     first, second = fitted.search
     # Both are perfect on val; the stronger fit is the more confident one.
@@ -94,7 +98,10 @@ def test_small_val_is_replaced_by_cross_validation_on_train_and_val(splits):
     train, _, _ = splits
     small_val = (train[0][:30], train[1][:30])  # about 10 per class
     fitted = select_and_fit(
-        (train[0][30:], train[1][30:]), small_val, HeadSettings(grid={"C": [0.01, 1.0]}), seed=0
+        (train[0][30:], train[1][30:]),
+        small_val,
+        HeadSettings(type="logistic_regression", grid={"C": [0.01, 1.0]}),
+        seed=0,
     )
     assert fitted.selection == "cv"
     for row in fitted.search:
@@ -102,14 +109,19 @@ def test_small_val_is_replaced_by_cross_validation_on_train_and_val(splits):
     _, val, test = splits
     about_100_per_class = (np.concatenate([val[0], test[0]]), np.concatenate([val[1], test[1]]))
     large_val = select_and_fit(
-        train, about_100_per_class, HeadSettings(grid={"C": [0.01, 1.0]}), seed=0
+        train,
+        about_100_per_class,
+        HeadSettings(type="logistic_regression", grid={"C": [0.01, 1.0]}),
+        seed=0,
     )
     assert large_val.selection == "val" and large_val.search[0]["val_accuracy_std"] == 0
 
 
 def test_cross_validation_is_seeded_and_refits_on_everything(splits):
     train, val, _ = splits
-    settings = HeadSettings(grid={"C": [0.01, 0.1, 1.0]}, selection="cv", cv_folds=3)
+    settings = HeadSettings(
+        type="logistic_regression", grid={"C": [0.01, 0.1, 1.0]}, selection="cv", cv_folds=3
+    )
     first = select_and_fit(train, val, settings, seed=4)
     again = select_and_fit(train, val, settings, seed=4)
     assert first.search == again.search and first.best_params == again.best_params

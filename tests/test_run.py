@@ -311,11 +311,11 @@ for strategy in {STRATEGY_NAMES!r}:
 
 
 def latest_run(project: Path):
+    """The latest `kedro run`'s MLflow run (not one of its child runs)."""
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("transfer_learning")
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[
-        0
-    ]
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    return next(run for run in runs if "mlflow.parentRunId" not in run.data.tags)
 
 
 def test_backbone_selection_ranks_and_auto_backbone_uses_its_pick(default_run):
@@ -372,6 +372,7 @@ def test_viz_build_shows_every_pipeline_in_layers(default_run):
         "evaluation",
         "predict",
         "domain_adaptation",
+        "learning_curve",
     } <= pipelines
     assert set(graph["layers"]) == {
         "raw",
@@ -481,3 +482,44 @@ def test_predict_uses_an_adapted_model(adaptation_run, tmp_path):
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     predictions = pd.read_csv(project / "data" / "07_model_output" / "predictions.csv")
     assert len(predictions) == 15 and (predictions["error"].isna()).all()
+
+
+def test_learning_curve_run_reports_every_point_as_an_mlflow_child_run(default_run):
+    project, _ = default_run
+    # Lists cannot be given with --params (it splits on commas): a user sets them in conf/local.
+    (project / "conf" / "local" / "parameters_learning_curve.yml").write_text(
+        "curve:\n  per_class: [1, 3]\n  repeats: 2\n"
+        "  strategies: [feature_transfer, parameter_transfer]\n"
+    )
+    try:
+        completed = kedro(
+            project,
+            "--pipelines=learning_curve",
+            "--params=finetune.steps=5,head.selection=val,training.progress=false",
+        )
+    finally:
+        (project / "conf" / "local" / "parameters_learning_curve.yml").unlink()
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "(cached)" in completed.stdout + completed.stderr  # features of the default run
+    reports = project / "data" / "08_reporting"
+    curve = pd.read_csv(reports / "learning_curve.csv")
+    assert len(curve) == 2 * 2 * 2
+    assert set(curve["strategy"]) == {"feature_transfer", "parameter_transfer"}
+    assert set(curve["per_class"].astype(str)) == {"1", "3"} and set(curve["seed"]) == {42, 43}
+    assert curve["accuracy"].between(0.1, 1).all()  # ten digit classes: better than chance
+    ones = curve[curve["per_class"].astype(str) == "1"]
+    assert (ones.loc[ones["strategy"] == "feature_transfer", "head"] == "prototype").all()
+    report = (reports / "learning_curve.md").read_text()
+    assert "| feature_transfer | 1 | 1.0 | 2 |" in report
+    assert (reports / "learning_curve.png").stat().st_size > 0
+    parent = latest_run(project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == len(curve)
+    assert {(c.data.params["strategy"], c.data.params["per_class"]) for c in children} == {
+        (strategy, size) for strategy in ("feature_transfer", "parameter_transfer") for size in "13"
+    }
+    artefacts = {a.path for a in client.list_artifacts(parent.info.run_id, "learning_curve")}
+    assert "learning_curve/learning_curve.csv" in artefacts

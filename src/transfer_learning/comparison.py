@@ -10,7 +10,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 COLUMNS = ("accuracy", "macro_f1", "ece", "fit_seconds", "trainable_parameters")
-TABLE_ONLY = ("image_size",)  # in comparison.md, not in the chart
 TITLES = {
     "accuracy": "accuracy ↑",
     "macro_f1": "macro-F1 ↑",
@@ -30,6 +29,9 @@ class Control:
     shows: str  # what the gap measures, e.g. "what the pretrained weights are worth here"
 
 
+TABLE_ONLY = ("balanced_accuracy", "image_size")  # in comparison.md, not in the chart
+
+
 def comparison_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per strategy with the compared metrics, in the order given."""
     return pd.DataFrame(
@@ -40,25 +42,34 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     ).set_index("strategy")
 
 
-def comparison_markdown(table: pd.DataFrame, controls: Sequence[Control] = ()) -> str:
+def recall_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Test recall of every class (rows) for every strategy (columns)."""
+    return pd.DataFrame({report["strategy"]: report.get("recall", {}) for report in reports})
+
+
+def comparison_markdown(
+    table: pd.DataFrame, controls: Sequence[Control] = (), recall: pd.DataFrame | None = None
+) -> str:
     header = (
-        "| strategy | accuracy | macro-F1 | ECE | train time (s) | trainable parameters "
-        "| image size (px) |"
+        "| strategy | accuracy | balanced accuracy | macro-F1 | ECE | train time (s) "
+        "| trainable parameters | image size (px) |"
     )
     rows = [
-        f"| {name} | {r.accuracy:.4f} | {r.macro_f1:.4f} | {r.ece:.4f} | {r.fit_seconds:.1f} "
-        f"| {int(r.trainable_parameters):,} | {_size(r.image_size)} |"
+        f"| {name} | {r.accuracy:.4f} | {_number(r.balanced_accuracy)} | {r.macro_f1:.4f} "
+        f"| {r.ece:.4f} | {r.fit_seconds:.1f} | {int(r.trainable_parameters):,} "
+        f"| {_size(r.image_size)} |"
         for name, r in table.iterrows()
     ]
     lines = [
         "# Transfer strategies compared on the test split",
         "",
         header,
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"Best test accuracy: **{table['accuracy'].idxmax()}**. ECE is the expected calibration "
-        "error (15 bins; lower is better).",
+        f"Best test accuracy: **{table['accuracy'].idxmax()}**. Balanced accuracy is the mean of "
+        "the per-class recalls (below): it weighs every class equally, whatever its size. ECE is "
+        "the expected calibration error (15 bins; lower is better).",
     ]
     for control in controls:
         if {control.treated, control.control} <= set(table.index):
@@ -67,7 +78,23 @@ def comparison_markdown(table: pd.DataFrame, controls: Sequence[Control] = ()) -
                 f"{control.shows[:1].upper()}{control.shows[1:]}: {control.treated} − "
                 f"{control.control} = {gap * 100:+.1f} accuracy points."
             )
+    if recall is not None and not recall.empty:
+        lines += [
+            "",
+            "## Per-class recall (test)",
+            "",
+            "| class | " + " | ".join(recall.columns) + " |",
+            "|---|" + "---:|" * len(recall.columns),
+            *(
+                f"| {name} | " + " | ".join(_number(value) for value in row) + " |"
+                for name, row in recall.iterrows()
+            ),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: Any) -> str:
+    return "–" if value is None or pd.isna(value) else f"{float(value):.4f}"
 
 
 def _size(value: Any) -> str:

@@ -106,6 +106,42 @@ class MlflowParamsDataset(AbstractDataset):
         return {"prefix": self.prefix}
 
 
+class MlflowChildRunsDataset(AbstractDataset):
+    """Logs each row of a table as a child run of the active MLflow run (write only).
+
+    `params` columns become the child's parameters and `metrics` columns its metrics; the run
+    name is built from the parameter values. A learning curve is one parent run (the `kedro run`)
+    with one child per point, which the MLflow UI shows nested and can compare side by side.
+    """
+
+    def __init__(
+        self, params: list[str], metrics: list[str], metadata: dict[str, Any] | None = None
+    ) -> None:
+        self.params, self.metrics, self.metadata = list(params), list(metrics), metadata
+
+    def load(self) -> pd.DataFrame:
+        raise DatasetError("Child runs are logged to MLflow, not read back.")
+
+    def save(self, data: pd.DataFrame) -> None:
+        import mlflow
+
+        parent = mlflow.active_run()
+        if parent is None:
+            return  # tracking is off for this run
+        for row in data.to_dict(orient="records"):
+            params = {name: row[name] for name in self.params}
+            with mlflow.start_run(
+                run_name="-".join(str(value) for value in params.values()),
+                experiment_id=parent.info.experiment_id,  # else the current default experiment
+                nested=True,
+            ):
+                mlflow.log_params(params)
+                mlflow.log_metrics({name: float(row[name]) for name in self.metrics})
+
+    def _describe(self) -> dict[str, Any]:
+        return {"params": self.params, "metrics": self.metrics}
+
+
 class TableDataset(_VersionedFile):
     """A pandas table in one versioned, atomically written CSV file.
 

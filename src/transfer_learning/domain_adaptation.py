@@ -39,6 +39,7 @@ from transfer_learning.extraction import (
     ImageDataset,
     Normaliser,
     image_loader,
+    shuffled,
 )
 from transfer_learning.finetune import (
     LabelledImages,
@@ -204,8 +205,9 @@ def with_target_standardisation(head: Pipeline, target_features: np.ndarray) -> 
         )
     adapted = clone(scaler).fit(np.asarray(target_features, dtype=np.float64))
     # Dimensions constant on the target keep the source's spread (sklearn would use 1).
-    constant = np.asarray(target_features).std(axis=0) == 0
-    adapted.scale_ = np.where(constant, scaler.scale_, adapted.scale_)
+    if scaler.scale_ is not None:  # the prototype head only centres
+        constant = np.asarray(target_features).std(axis=0) == 0
+        adapted.scale_ = np.where(constant, scaler.scale_, adapted.scale_)
     return Pipeline([(head.steps[0][0], adapted), *head.steps[1:]])
 
 
@@ -274,14 +276,12 @@ class TargetImages:
     def loader(self, batch_size: int, seed: int | None = None, drop_last: bool = False):
         """Batches of normalised target images, shuffled by `seed` (in order when None)."""
         dataset = ImageDataset(self.locations, min_size=self.collate.transform.size)
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
         return image_loader(
             dataset,
             batch_size,
             0,  # adaptation is short: worker start-up would cost more than decoding
             self.device,
-            shuffle=seed is not None,
-            generator=generator,
+            sampler=None if seed is None else shuffled(dataset, seed),
             drop_last=drop_last and len(dataset) >= 2 * batch_size,
             collate_fn=self.collate,
         )
@@ -426,10 +426,8 @@ def _batches_forever(dataset: Dataset, batch_size: int, device: torch.device, se
     """Full batches, reshuffled on every pass by (seed, pass), without end."""
     batch_size = min(batch_size, len(dataset))
     for repeat in itertools.count():
-        generator = torch.Generator().manual_seed(seed * 1000 + repeat)
-        yield from image_loader(
-            dataset, batch_size, 0, device, shuffle=True, generator=generator, drop_last=True
-        )
+        order = shuffled(dataset, seed * 1000 + repeat)
+        yield from image_loader(dataset, batch_size, 0, device, sampler=order, drop_last=True)
 
 
 def should_run(method: str, settings: AdaptationSettings, has_batchnorm: bool = True) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
@@ -190,25 +190,31 @@ def image_loader(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
+    sampler: Sampler | None = None,
     drop_last: bool = False,
     collate_fn: Callable[[list], Any] | None = None,
 ) -> DataLoader:
-    """A DataLoader that overlaps decoding with compute and pins memory for GPU copies."""
+    """A DataLoader that overlaps decoding with compute and pins memory for GPU copies.
+
+    `sampler`: the order of the images (e.g. `shuffled`); None reads them in order.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
-        generator=generator,
         drop_last=drop_last,
         collate_fn=collate_fn,
     )
+
+
+def shuffled(dataset: Dataset, seed: int) -> RandomSampler:
+    """A random order of `dataset` that depends on `seed` alone."""
+    return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
 
 
 class Normaliser(torch.nn.Module):

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -47,11 +47,14 @@ from transfer_learning.extraction import (
     cpu_threads,
     image_loader,
     resolve_num_workers,
+    shuffled,
 )
 
 logger = logging.getLogger(__name__)
 
 MODES = ("linear_probe", "full", "lp_ft")
+LOSSES = ("cross_entropy", "logit_adjusted", "balanced_softmax")
+SAMPLINGS = ("uniform", "class_balanced")
 # `epochs: auto` bounds: every image is seen a few times; tiny sets do not loop for ever.
 MIN_AUTO_EPOCHS = 3
 MAX_AUTO_EPOCHS = 60
@@ -82,6 +85,13 @@ class FinetuneSettings:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     class_weight: str | None = None  # null | balanced
+    # Long-tailed classes: logit_adjusted adds τ·log(class prior) to the logits in training only
+    # (Menon et al. 2021); balanced_softmax is the same with τ = 1 (Ren et al. 2020).
+    loss: str = "cross_entropy"  # cross_entropy | logit_adjusted | balanced_softmax
+    logit_adjustment_tau: float = 1.0
+    sampling: str = "uniform"  # uniform | class_balanced (every class drawn equally often)
+    mixup: float = 0.0  # Beta(α, α) of mixup; 0: off
+    cutmix: float = 0.0  # Beta(α, α) of cutmix; 0: off (both on: one of the two per batch)
     grad_clip: float | None = 1.0
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool | str = AUTO  # auto: when the data source is mirror-symmetric (photos)
@@ -104,6 +114,11 @@ class FinetuneSettings:
             "patience": settings.patience is None or _auto_or_positive(settings.patience),
             "lr": settings.lr > 0,
             "class_weight": settings.class_weight in (None, "balanced"),
+            "loss": settings.loss in LOSSES,
+            "logit_adjustment_tau": _non_negative(settings.logit_adjustment_tau),
+            "sampling": settings.sampling in SAMPLINGS,
+            "mixup": _non_negative(settings.mixup),
+            "cutmix": _non_negative(settings.cutmix),
             "layer_decay": settings.layer_decay is None or 0 < settings.layer_decay <= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -125,6 +140,16 @@ class FinetuneSettings:
         batch_size = self.batch_size
         if batch_size == AUTO:
             batch_size = auto_batch_size(n_train)
+        if batch_size > n_train:
+            # A batch larger than the training set would leave no full batch to train on.
+            if self.batch_size != AUTO:
+                logger.warning(
+                    "finetune.batch_size=%s exceeds the %d training images; using %d",
+                    self.batch_size,
+                    n_train,
+                    n_train,
+                )
+            batch_size = max(1, n_train)
         epochs = self.epochs
         if epochs == AUTO:
             steps_per_epoch = max(1, n_train // batch_size)
@@ -142,6 +167,10 @@ class FinetuneSettings:
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
 
 
 def _auto_or_positive(value: Any) -> bool:
@@ -331,22 +360,28 @@ class TrainingData:
     batch_size: int
     workers: int
     device: torch.device
+    sampling: str = "uniform"
 
     @property
     def steps_per_epoch(self) -> int:
         return max(1, len(self.train) // self.batch_size)
 
     def train_loader(self, epoch_seed: int) -> DataLoader:
-        """Shuffled by a generator seeded for this epoch alone (resume relies on it)."""
-        generator = torch.Generator().manual_seed(epoch_seed)
+        """Shuffled by a generator seeded for this epoch alone (resume relies on it).
+
+        `class_balanced`: each draw picks a class uniformly, then one of its images (with
+        replacement), so an epoch of the same length sees every class about equally often.
+        """
+        if self.sampling == "class_balanced":
+            counts = torch.bincount(self.train_labels).double()
+            generator = torch.Generator().manual_seed(epoch_seed)
+            order = WeightedRandomSampler(
+                (1.0 / counts)[self.train_labels], len(self.train), generator=generator
+            )
+        else:
+            order = shuffled(self.train, epoch_seed)
         return image_loader(
-            self.train,
-            self.batch_size,
-            self.workers,
-            self.device,
-            shuffle=True,
-            generator=generator,
-            drop_last=True,
+            self.train, self.batch_size, self.workers, self.device, sampler=order, drop_last=True
         )
 
 
@@ -394,6 +429,7 @@ def build_training_data(
         batch_size=settings.batch_size,
         workers=workers,
         device=device,
+        sampling=settings.sampling,
     )
 
 
@@ -464,11 +500,12 @@ class Trainer:
 
     model: nn.Module  # the network as called: torch.compile'd when asked
     normalise: Normaliser
-    criterion: nn.CrossEntropyLoss
+    criterion: TrainingLoss
     device: torch.device
     grad_clip: float | None
     batch_size: int
     progress: bool
+    mix: nn.Module | None = None  # mixup / cutmix of each training batch
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -491,8 +528,11 @@ class Trainer:
 
     def _step(self, images, targets, optimizer, scheduler, where: str) -> float:
         try:
+            inputs = self.normalise(images)
+            if self.mix is not None:
+                inputs, targets = self.mix(inputs, targets)  # targets become class probabilities
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                loss = self.criterion(self.model(self.normalise(images)), targets)
+                loss = self.criterion(self.model(inputs), targets)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"Non-finite loss ({loss.item()}) at {where}, learning rate "
@@ -530,11 +570,56 @@ class Trainer:
         return None if self.progress else True  # None: shown on a terminal only
 
 
-def _class_weights(labels: torch.Tensor, n_classes: int, mode: str | None) -> torch.Tensor | None:
-    if mode != "balanced":
-        return None
+class TrainingLoss(nn.Module):
+    """Cross-entropy (hard or mixed targets) on logits shifted by `logit_offset` in training.
+
+    With offset τ·log(class prior), the network learns logits whose argmax is the balanced-error
+    choice (logit-adjusted loss, Menon et al. 2021; balanced softmax at τ = 1, Ren et al. 2020);
+    predictions use the raw logits. A zero offset is plain cross-entropy.
+    """
+
+    def __init__(
+        self, logit_offset: torch.Tensor, weight: torch.Tensor | None, label_smoothing: float
+    ) -> None:
+        super().__init__()
+        self.register_buffer("logit_offset", logit_offset)
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(
+            logits.float() + self.logit_offset,
+            targets,
+            weight=self.weight,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+def class_prior(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Training-set class frequencies (a class without images counts as one)."""
     counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).float()
-    return counts.sum() / (n_classes * counts)
+    return counts / counts.sum()
+
+
+def training_loss(labels: torch.Tensor, n_classes: int, recipe: FinetuneSettings) -> TrainingLoss:
+    prior = class_prior(labels, n_classes)
+    tau = {"cross_entropy": 0.0, "balanced_softmax": 1.0}.get(
+        recipe.loss, recipe.logit_adjustment_tau
+    )
+    weight = 1.0 / (n_classes * prior) if recipe.class_weight == "balanced" else None
+    return TrainingLoss(tau * prior.log(), weight, recipe.label_smoothing)
+
+
+def batch_mixing(recipe: FinetuneSettings, n_classes: int) -> nn.Module | None:
+    """torchvision's MixUp / CutMix (one of the two per batch when both are on), or None."""
+    mixers = [
+        mixer(alpha=alpha, num_classes=n_classes)
+        for mixer, alpha in ((v2.MixUp, recipe.mixup), (v2.CutMix, recipe.cutmix))
+        if alpha > 0
+    ]
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
 def build_trainer(
@@ -545,18 +630,15 @@ def build_trainer(
     run: TrainingRunSettings,
     n_classes: int,
 ) -> Trainer:
-    criterion = nn.CrossEntropyLoss(
-        weight=_class_weights(data.train_labels, n_classes, recipe.class_weight),
-        label_smoothing=recipe.label_smoothing,
-    )
     return Trainer(
         model=torch.compile(model) if run.compile else model,
         normalise=Normaliser(backbone.preprocessing).to(data.device),
-        criterion=criterion.to(data.device),
+        criterion=training_loss(data.train_labels, n_classes, recipe).to(data.device),
         device=data.device,
         grad_clip=recipe.grad_clip,
         batch_size=recipe.batch_size,
         progress=run.progress,
+        mix=batch_mixing(recipe, n_classes),
     )
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.base import ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
@@ -52,21 +52,91 @@ def _knn(seed: int, class_weight: str | None, **params: Any) -> ClassifierMixin:
     return KNeighborsClassifier(**params)
 
 
+class PrototypeClassifier(ClassifierMixin, BaseEstimator):
+    """Nearest class mean on L2-normalised features (a prototype head for few shots).
+
+    Each class is the mean of its unit-length training features; an image's scores are its
+    cosine similarities to the class means, softmaxed at `temperature`. With one to a few images
+    a class it has nothing to over-fit (SimpleShot, Wang et al. 2019); `temperature` changes only
+    the confidence, so selection by accuracy, then log-loss, sets it for calibration.
+    """
+
+    def __init__(self, temperature: float = 10.0) -> None:
+        self.temperature = temperature
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> PrototypeClassifier:
+        self.classes_, which = np.unique(labels, return_inverse=True)
+        unit = _unit_rows(features)
+        means = np.stack([unit[which == k].mean(axis=0) for k in range(len(self.classes_))])
+        self.prototypes_ = _unit_rows(means)
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        scores = self.temperature * _unit_rows(features) @ self.prototypes_.T
+        scores -= scores.max(axis=1, keepdims=True)
+        exp = np.exp(scores)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(features).argmax(axis=1)]
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
+def _prototype(seed: int, class_weight: str | None, **params: Any) -> ClassifierMixin:
+    return PrototypeClassifier(**params)  # every class counts once whatever its size
+
+
+class PriorAdjusted(ClassifierMixin, BaseEstimator):
+    """A classifier whose log-probabilities lose τ·log(training class prior) (post-hoc logit
+    adjustment, Menon et al. 2021): the argmax moves towards the balanced-error choice, so rare
+    classes are no longer predicted less often just because they were rare in training."""
+
+    def __init__(self, classifier: ClassifierMixin, tau: float = 1.0) -> None:
+        self.classifier = classifier
+        self.tau = tau
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> PriorAdjusted:
+        self.classifier.fit(features, labels)
+        self.classes_ = self.classifier.classes_
+        counts = np.array([(labels == label).sum() for label in self.classes_], dtype=np.float64)
+        self.log_prior_ = np.log(counts / counts.sum())
+        return self
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        log_p = np.log(np.maximum(self.classifier.predict_proba(features), 1e-300))
+        adjusted = log_p - self.tau * self.log_prior_
+        adjusted -= adjusted.max(axis=1, keepdims=True)
+        exp = np.exp(adjusted)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(features).argmax(axis=1)]
+
+
 _HEADS = {
     "logistic_regression": (_logistic_regression, {"C": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}),
     "linear_svm": (_linear_svm, {"estimator__C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}),
     "knn": (_knn, {"n_neighbors": [1, 5, 10, 20, 50], "weights": ["distance"]}),
+    "prototype": (_prototype, {"temperature": [5.0, 10.0, 20.0, 50.0]}),
 }
+# type: auto chooses among these by the same val / cross-validation selection as the grid. With
+# fewer than 2 images in some class (nothing to select on) it takes the first, the prototype head.
+AUTO_CANDIDATES = ("prototype", "logistic_regression")
 
 
 @dataclass(frozen=True)
 class HeadSettings:
     """The `head` block of parameters_feature_transfer.yml."""
 
-    type: str = "logistic_regression"
+    type: str = "auto"  # auto: the better on val (or CV) of AUTO_CANDIDATES
     params: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] | None = None  # None: the head type's default grid
     class_weight: str | None = None
+    logit_adjustment: float | None = None  # τ of post-hoc logit adjustment (long-tailed train)
     refit_on_train_val: bool = True
     selection: str = "auto"  # auto | val | cv: how hyper-parameters are chosen (see select_and_fit)
     cv_folds: int = 5
@@ -83,23 +153,47 @@ class HeadSettings:
             raise HeadError(
                 f"head.selection={settings.selection!r} must be one of {', '.join(SELECTIONS)}."
             )
+        tau = settings.logit_adjustment
+        if tau is not None and (
+            not isinstance(tau, int | float) or isinstance(tau, bool) or tau < 0
+        ):
+            raise HeadError(
+                f"head.logit_adjustment={tau!r} must be null or a number ≥ 0 (τ; 1 is usual)."
+            )
         if not isinstance(settings.cv_folds, int) or settings.cv_folds < 2:
             raise HeadError(f"head.cv_folds={settings.cv_folds!r} must be an integer ≥ 2.")
         return settings
 
-    def default_grid(self) -> dict[str, list[Any]]:
-        if self.grid is not None:
+    def candidate_types(self) -> tuple[str, ...]:
+        return AUTO_CANDIDATES if self.type == "auto" else (self.type,)
+
+    def default_grid(self, head_type: str | None = None) -> dict[str, list[Any]]:
+        """`grid` and `params` are the configured type's; under auto, logistic regression's."""
+        head_type = head_type or self.type
+        if self.grid is not None and head_type == self._configured_type():
             return {key: list(values) for key, values in self.grid.items()}
-        return dict(_HEADS[self.type][1]) if self.type in _HEADS else {}
+        return dict(_HEADS[head_type][1]) if head_type in _HEADS else {}
+
+    def _configured_type(self) -> str:
+        return "logistic_regression" if self.type == "auto" else self.type
 
 
-def build_head(settings: HeadSettings, seed: int) -> Pipeline:
-    """Standardisation + the configured classifier, as one sklearn Pipeline (scaler fits on train)."""
-    if settings.type in _HEADS:
-        estimator = _HEADS[settings.type][0](seed, settings.class_weight, **settings.params)
+def build_head(settings: HeadSettings, seed: int, head_type: str | None = None) -> Pipeline:
+    """Standardisation + the classifier `head_type` (default: the configured, non-auto type) as
+    one sklearn Pipeline (the scaler fits on train)."""
+    head_type = head_type or settings.type
+    if head_type == "auto":
+        raise HeadError("head.type=auto is resolved by select_and_fit; build a concrete type.")
+    params = settings.params if head_type == settings._configured_type() else {}
+    if head_type in _HEADS:
+        estimator = _HEADS[head_type][0](seed, settings.class_weight, **params)
     else:
         estimator = _import_estimator(settings)
-    return Pipeline([("scale", StandardScaler()), ("classifier", estimator)])
+    if settings.logit_adjustment:
+        estimator = PriorAdjusted(estimator, settings.logit_adjustment)
+    # The prototype head only centres: per-dimension spreads from a few images are noise.
+    scaler = StandardScaler(with_std=head_type != "prototype")
+    return Pipeline([("scale", scaler), ("classifier", estimator)])
 
 
 def _import_estimator(settings: HeadSettings) -> ClassifierMixin:
@@ -132,12 +226,16 @@ class FittedHead:
     search: list[dict[str, Any]]  # per grid point: accuracy (mean, std over folds), log-loss
     selection: str  # "val" or "cv"
     chosen: dict[str, Any]  # the search row of the chosen point
+    head_type: str = ""  # the type fitted (what `auto` chose)
 
 
-def _grid_points(template: Pipeline, settings: HeadSettings) -> list[dict[str, Any]]:
+def _grid_points(
+    template: Pipeline, settings: HeadSettings, head_type: str
+) -> list[dict[str, Any]]:
+    prefix = _parameter_prefix(template)
     grid = [
-        {f"classifier__{k}": v for k, v in point.items()}
-        for point in ParameterGrid(settings.default_grid())
+        {f"{prefix}{k}": v for k, v in point.items()}
+        for point in ParameterGrid(settings.default_grid(head_type))
     ]
     if _warm_startable(template):
         # Walk the grid in order (e.g. C from small to large), each fit starting from the last.
@@ -147,12 +245,19 @@ def _grid_points(template: Pipeline, settings: HeadSettings) -> list[dict[str, A
     return grid or [{}]
 
 
+def _parameter_prefix(template: Pipeline) -> str:
+    """How the grid's keys reach the classifier (through the logit-adjustment wrapper or not)."""
+    wrapped = isinstance(template["classifier"], PriorAdjusted)
+    return "classifier__classifier__" if wrapped else "classifier__"
+
+
 def _warm_startable(template: Pipeline) -> bool:
     # Logistic regression walks the grid warm-started from the previous point, as
     # LogisticRegressionCV does along its C path: several times faster on large feature sets.
     # (Ensembles also take `warm_start`, but there it means "add trees": a refit with as many
     # trees would silently fit nothing.)
-    return isinstance(template["classifier"], LogisticRegression)
+    classifier = template["classifier"]
+    return isinstance(getattr(classifier, "classifier", classifier), LogisticRegression)
 
 
 def _scores_on(
@@ -160,7 +265,8 @@ def _scores_on(
 ) -> list[tuple[float, float]]:
     """(accuracy, log-loss) on `held_out` of a fit on `train`, for every grid point."""
     warm = _warm_startable(template)
-    candidate = clone(template).set_params(**({"classifier__warm_start": True} if warm else {}))
+    warm_start = {f"{_parameter_prefix(template)}warm_start": True} if warm else {}
+    candidate = clone(template).set_params(**warm_start)
     scores = []
     for point in grid:
         candidate = (candidate if warm else clone(template)).set_params(**point)
@@ -202,13 +308,27 @@ def _fold_scores(template, grid, train, val, settings: HeadSettings, seed: int) 
     )
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """One head type with one grid point."""
+
+    head_type: str
+    template: Pipeline
+    point: dict[str, Any]
+
+    def params(self) -> dict[str, Any]:
+        prefix = _parameter_prefix(self.template)
+        return {k.removeprefix(prefix): v for k, v in self.point.items()}
+
+
 def select_and_fit(
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     settings: HeadSettings,
     seed: int,
 ) -> FittedHead:
-    """Choose hyper-parameters, then refit on train+val (or keep a fit on train alone).
+    """Choose the head (type under `auto`, and hyper-parameters), then refit on train+val (or
+    keep a fit on train alone).
 
     The choice is the best accuracy on val — or, when val is small (`selection: auto`), the best
     mean accuracy over stratified k-fold cross-validation on train+val; ties go to the lower
@@ -216,38 +336,56 @@ def select_and_fit(
     cannot influence the choice.
     """
     start = time.perf_counter()
-    template = build_head(settings, seed)
-    grid = _grid_points(template, settings)
+    types = settings.candidate_types()
+    labels = np.concatenate([train[1], val[1]])
     cv = _uses_cv(val[1], settings)
-    scores = (
-        _fold_scores(template, grid, train, val, settings, seed)
-        if cv
-        else np.array([_scores_on(template, grid, train, val)])
-    )
-    mean, spread = scores.mean(axis=0), scores.std(axis=0)
+    # One image in some class and no val split: nothing to select on. The first candidate (under
+    # auto the prototype head) is fitted with its defaults.
+    selectable = not cv or _smallest_class(labels) >= 2
+    if not selectable:
+        types = types[:1]
+        logger.warning("head: one image in some class and no val split; nothing is selected")
+    candidates, rows = [], []
+    for head_type in types:
+        template = build_head(settings, seed, head_type)
+        grid = _grid_points(template, settings, head_type) if selectable else [{}]
+        scores = (
+            _fold_scores(template, grid, train, val, settings, seed)
+            if cv and selectable
+            else np.array([_scores_on(template, grid, train, val)])
+            if selectable
+            else np.full((1, 1, 2), np.nan)
+        )
+        mean, spread = scores.mean(axis=0), scores.std(axis=0)
+        for i, point in enumerate(grid):
+            candidates.append(_Candidate(head_type, template, point))
+            rows.append((mean[i, 0], spread[i, 0], mean[i, 1]))
     search = [
         {
-            **{k.removeprefix("classifier__"): v for k, v in point.items()},
-            "val_accuracy": float(mean[i, 0]),
-            "val_accuracy_std": float(spread[i, 0]),
-            "val_log_loss": float(mean[i, 1]),
+            **({"type": candidate.head_type} if len(types) > 1 else {}),
+            **candidate.params(),
+            "val_accuracy": float(accuracy),
+            "val_accuracy_std": float(spread),
+            "val_log_loss": float(loss),
         }
-        for i, point in enumerate(grid)
+        for candidate, (accuracy, spread, loss) in zip(candidates, rows, strict=True)
     ]
-    best = max(range(len(grid)), key=lambda i: (mean[i, 0], -mean[i, 1]))
+    best = max(range(len(candidates)), key=lambda i: (rows[i][0], -rows[i][2]))
     for row in search:
         logger.info("head %s (%s): %s", settings.type, "cv" if cv else "val", row)
-    model = clone(template).set_params(**grid[best])
+    chosen = candidates[best]
+    model = clone(chosen.template).set_params(**chosen.point)
     if settings.refit_on_train_val:
-        model.fit(np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
+        model.fit(np.concatenate([train[0], val[0]]), labels)
     else:
         model.fit(*train)
     return FittedHead(
         model=model,
-        best_params={k.removeprefix("classifier__"): v for k, v in grid[best].items()},
-        val_accuracy=float(mean[best, 0]),
+        best_params=chosen.params(),
+        val_accuracy=float(rows[best][0]),
         fit_seconds=time.perf_counter() - start,
         search=search,
         selection="cv" if cv else "val",
         chosen=search[best],
+        head_type=chosen.head_type,
     )

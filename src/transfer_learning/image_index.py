@@ -62,6 +62,9 @@ class DataSettings:
     download_dir: str = "data/01_raw/torchvision"
     target_path: str | None = None  # domain_adaptation: images of the domain to adapt to
     target_test_fraction: float = 0.5  # of labelled target images, held out for evaluation
+    # Experiments on long-tailed data: train+val subsampled so that class counts fall off
+    # exponentially from the first class to the last, max/min = the ratio (as CIFAR-10-LT).
+    imbalance_ratio: float | None = None
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> DataSettings:
@@ -88,6 +91,14 @@ class DataSettings:
             value = getattr(self, key)
             if not isinstance(value, int | float) or not 0 < value < 1:
                 raise DataSourceError(f"data.{key}={value!r} must be a number between 0 and 1.")
+        ratio = self.imbalance_ratio
+        if ratio is not None and (
+            isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio < 1
+        ):
+            raise DataSourceError(
+                f"data.imbalance_ratio={ratio!r} must be null or a number ≥ 1 (e.g. 100: the "
+                "largest class keeps 100x the images of the smallest)."
+            )
         if self.on_corrupt not in ("error", "skip"):
             raise DataSourceError(f"data.on_corrupt={self.on_corrupt!r} must be 'error' or 'skip'.")
 
@@ -109,7 +120,35 @@ def build_image_index(
         frame, skipped = _drop_unreadable(frame, settings.on_corrupt)
         _require_images_per_class(frame, classes, root)
     frame = assign_splits(frame, settings.val_fraction, settings.test_fraction, seed)
+    if settings.imbalance_ratio is not None:
+        frame = long_tailed(frame, settings.imbalance_ratio, seed)
     return frame.reset_index(drop=True), classes, skipped
+
+
+def long_tailed(frame: pd.DataFrame, ratio: float, seed: int) -> pd.DataFrame:
+    """The index with train+val thinned to an exponential long tail; test is left balanced.
+
+    Class k of C (in label order) keeps n_max · ratio^(-k/(C-1)) of its train+val images (at
+    least one), a seeded random subset that keeps each image's split: the CIFAR-10-LT profile
+    (Cao et al. 2019) on whatever data is indexed.
+    """
+    labelled = frame[frame["split"].isin(["train", "val"])]
+    n_classes = frame["label"].nunique()
+    n_max = labelled["label"].value_counts().max()
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label, rows in labelled.groupby("label"):
+        share = ratio ** (-int(label) / max(1, n_classes - 1))
+        count = min(len(rows), max(1, round(n_max * share)))
+        keep.extend(rng.choice(rows.index.to_numpy(), size=count, replace=False))
+    kept = frame.index.isin(keep) | (frame["split"] == "test")
+    logger.info(
+        "data.imbalance_ratio=%s: train+val thinned from %d to %d images",
+        ratio,
+        len(labelled),
+        len(keep),
+    )
+    return frame[kept]
 
 
 def profile_images(frame: pd.DataFrame, settings: DataSettings, seed: int) -> dict[str, Any]:

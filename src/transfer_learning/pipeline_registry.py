@@ -21,6 +21,7 @@ from transfer_learning.pipelines import (
     domain_adaptation,
     evaluation,
     feature_extraction,
+    learning_curve,
     predict,
 )
 from transfer_learning.strategies import STRATEGIES, Strategy
@@ -44,6 +45,7 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
         )
     compare = comparison.create_pipeline(strategies)
     adaptation = _domain_adaptation(shared, strategies)
+    curve = learning_curve.create_pipeline()
     return {
         "data_ingestion": ingestion,
         "backbone_selection": ingestion + backbone_selection.create_pipeline(),
@@ -52,6 +54,7 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
         "evaluation": evaluation.create_pipeline(names),
         "comparison": compare,
         **({"domain_adaptation": adaptation} if adaptation is not None else {}),
+        "learning_curve": shared.to_outputs(*(curve.inputs() & shared.all_outputs())) + curve,
         "predict": predict.create_pipeline([*names, *ADAPTED_MODEL_NAMES]),
         "__default__": sum(per_strategy.values(), Pipeline([])) + compare,
     }

@@ -12,15 +12,18 @@ from transfer_learning.comparison import (
     comparison_figure,
     comparison_markdown,
     comparison_table,
+    recall_table,
 )
 
 
 def compare_strategies(
     *reports: dict[str, Any], colours: Mapping[str, str], controls: tuple[Control, ...]
 ) -> tuple[str, Figure]:
-    """comparison.md and a bar chart of accuracy, macro-F1, ECE, train time, trainable parameters.
+    """comparison.md (with balanced accuracy and per-class recall) and a bar chart of accuracy,
+    macro-F1, ECE, train time, trainable parameters.
 
     `reports` are the strategies' `<strategy>.metrics`, any number of them, in registry order.
     """
     table = comparison_table(reports)
-    return comparison_markdown(table, controls), comparison_figure(table, colours)
+    markdown = comparison_markdown(table, controls, recall_table(reports))
+    return markdown, comparison_figure(table, colours)

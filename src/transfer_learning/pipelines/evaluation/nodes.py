@@ -69,7 +69,8 @@ def evaluate_test_predictions(
     metrics["fit_seconds"] = float(training_summary["fit_seconds"])
     metrics["trainable_parameters"] = int(training_summary.get("trainable_parameters", 0))
     resolved = dict(training_summary.get("resolved", {}))
-    report = {"strategy": strategy, **metrics, **resolved}
+    recall = dict(zip(per_class["class_name"], per_class["recall"].astype(float), strict=True))
+    report = {"strategy": strategy, **metrics, **resolved, "recall": recall}
     return (
         report,
         per_class,

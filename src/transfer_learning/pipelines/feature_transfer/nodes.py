@@ -53,8 +53,9 @@ def fit_head(
     )
     chosen = fitted.chosen
     logger.info(
-        "Head %s chose %s by %s: accuracy %.4f ± %.4f, log-loss %.4f (%.1f s)",
+        "Head %s chose %s %s by %s: accuracy %.4f ± %.4f, log-loss %.4f (%.1f s)",
         settings.type,
+        fitted.head_type,
         fitted.best_params,
         "cross-validation on train+val" if fitted.selection == "cv" else "val",
         chosen["val_accuracy"],
@@ -71,15 +72,18 @@ def fit_head(
         "chosen": chosen,
         "search": fitted.search,
         "trainable_parameters": _head_parameter_count(fitted.model),
-        "head": settings.type,
+        "head": fitted.head_type,
         "image_size": int(train_features["image_size"]),
-        "resolved": {"image_size": int(train_features["image_size"])},
+        "resolved": {"image_size": int(train_features["image_size"]), "head": fitted.head_type},
     }
     return fitted.model, fitted.model, summary
 
 
 def _head_parameter_count(model: Pipeline) -> int:
     classifier = model[-1]
+    classifier = getattr(classifier, "classifier", classifier)  # inside logit adjustment
+    if hasattr(classifier, "prototypes_"):
+        return int(np.size(classifier.prototypes_))
     coef = getattr(classifier, "coef_", None)
     intercept = getattr(classifier, "intercept_", None)
     if coef is None:

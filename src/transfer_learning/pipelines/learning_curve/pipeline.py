@@ -1,0 +1,97 @@
+"""The learning_curve pipeline: nested training sets → every strategy at every size → report.
+
+Features are extracted once (the shared feature_extraction stage) and reused by every
+feature_transfer point; the fine-tuning strategies train one network per point.
+"""
+
+from kedro.pipeline import Node, Pipeline
+
+from transfer_learning.pipelines import bind
+
+from .nodes import (
+    draw_curve_subsets,
+    feature_transfer_curve,
+    finetuning_curve,
+    report_learning_curve,
+)
+
+FINETUNING = ("parameter_transfer", "structure_transfer")
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    finetuning = [
+        Node(
+            func=bind(finetuning_curve, strategy=strategy),
+            inputs=[
+                "curve_subsets",
+                "image_index",
+                "class_names",
+                "backbone",
+                "params:finetune",
+                f"params:{strategy}",
+                "data_profile",
+                "params:training",
+                "params:curve",
+                "params:seed",
+                "params:device",
+            ],
+            outputs=f"{strategy}_curve",
+            name=f"{strategy}_curve",
+        )
+        for strategy in FINETUNING
+    ]
+    return Pipeline(
+        [
+            Node(
+                func=draw_curve_subsets,
+                inputs=["image_index", "params:curve", "params:seed"],
+                outputs="curve_subsets",
+                name="draw_curve_subsets",
+            ),
+            Node(
+                func=feature_transfer_curve,
+                inputs=[
+                    "image_features",
+                    "curve_subsets",
+                    "class_names",
+                    "params:head",
+                    "params:curve",
+                ],
+                outputs="feature_transfer_curve",
+                name="feature_transfer_curve",
+            ),
+            *finetuning,
+            Node(
+                func=report_learning_curve,
+                inputs=[
+                    "image_index",
+                    "feature_transfer_curve",
+                    *(f"{strategy}_curve" for strategy in FINETUNING),
+                ],
+                outputs=[
+                    "learning_curve",
+                    "learning_curve_runs",
+                    "learning_curve_report",
+                    "learning_curve_plot",
+                ],
+                name="report_learning_curve",
+            ),
+        ],
+        namespace="learning_curve",
+        inputs={"image_index", "image_features", "class_names", "backbone", "data_profile"},
+        parameters={
+            "params:curve",
+            "params:head",
+            "params:finetune",
+            "params:training",
+            "params:seed",
+            "params:device",
+            *(f"params:{strategy}" for strategy in FINETUNING),
+        },
+        outputs={
+            "learning_curve",
+            "learning_curve_runs",
+            "learning_curve_report",
+            "learning_curve_plot",
+        },
+    )
