@@ -49,6 +49,7 @@ from transfer_learning.pipelines.parameter_transfer.nodes import (
     split_train_val,
     train_model,
 )
+from transfer_learning.serving import probability_matrix
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar10_c import CORRUPTIONS, corrupt  # noqa: E402
@@ -233,9 +234,9 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
         )
         for method, network in networks.items():
             model = package_image_model(network, class_names, strategy=method)
-            predictions = model.predict(pd.DataFrame({"path": test["location"].tolist()}))
-            probabilities = predictions[[c for c in predictions if c.startswith("probability_")]]
-            row[f"parameter_transfer.{method}"] = 1 - accuracy(probabilities.to_numpy(), labels)
+            predictions = model.predict_files(test["location"].tolist())
+            probabilities = probability_matrix(predictions)
+            row[f"parameter_transfer.{method}"] = 1 - accuracy(probabilities, labels)
         row["seconds"] = time.perf_counter() - began
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -267,10 +267,12 @@ paths = {[str(p) for p, _ in images]!r}
 out = {{}}
 for strategy in {STRATEGY_NAMES!r}:
     model = mlflow.pyfunc.load_model(f"models:/transfer_learning_{{strategy}}/1")
-    by_path = model.predict(pd.DataFrame({{"path": paths}}))
     by_bytes = model.predict(pd.DataFrame({{"image": [base64.b64encode(open(p, "rb").read()).decode() for p in paths]}}))
-    assert (by_path["predicted_class"] == by_bytes["predicted_class"]).all()
-    out[strategy] = by_path["predicted_class"].tolist()
+    by_file = model.unwrap_python_model().predict_files(paths)
+    assert (by_file["predicted_class"] == by_bytes["predicted_class"]).all()
+    # The pyfunc entry (what a server runs) refuses server-side paths.
+    assert (model.predict(pd.DataFrame({{"path": paths}}))["error"] == "path_not_allowed").all()
+    out[strategy] = by_bytes["predicted_class"].tolist()
 print(json.dumps(out))
 """
     completed = subprocess.run(
@@ -292,9 +294,8 @@ from sklearn.metrics import accuracy_score
 mlflow.set_tracking_uri("sqlite:///{project / "mlflow.db"}")
 for strategy in {STRATEGY_NAMES!r}:
     stored = np.load(glob.glob("{project}/data/07_model_output/" + strategy + "/test_predictions.npz/*/*.npz")[0])
-    served = mlflow.pyfunc.load_model(f"models:/transfer_learning_{{strategy}}/1").predict(
-        pd.DataFrame({{"path": stored["location"].tolist()}})
-    )
+    model = mlflow.pyfunc.load_model(f"models:/transfer_learning_{{strategy}}/1")
+    served = model.unwrap_python_model().predict_files(stored["location"].tolist())
     probabilities = served[[c for c in served.columns if c.startswith("probability_")]].to_numpy()
     np.testing.assert_allclose(probabilities, stored["probabilities"], rtol=0, atol=1e-6)
     print(strategy, accuracy_score(stored["label"], probabilities.argmax(1)))

@@ -15,7 +15,14 @@ from torchvision.transforms import v2
 
 from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.finetune import build_classifier
-from transfer_learning.serving import ImageClassifier, probability_matrix
+from transfer_learning.serving import (
+    ALLOW_PATHS_VARIABLE,
+    ERRORS,
+    MAX_BYTES_VARIABLE,
+    MAX_PIXELS_VARIABLE,
+    ImageClassifier,
+    probability_matrix,
+)
 
 CLASSES = ["china", "flower", "other"]
 SIZE = 64
@@ -68,7 +75,7 @@ def reference_probabilities(model: ImageClassifier, paths: list[str]) -> np.ndar
 
 
 def test_probabilities_match_an_independent_preprocessing(fine_tuned, photos):
-    predicted = fine_tuned.predict(pd.DataFrame({"path": photos}))
+    predicted = fine_tuned.predict_files(photos)
     probabilities = probability_matrix(predicted)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-12)
     np.testing.assert_allclose(
@@ -78,36 +85,97 @@ def test_probabilities_match_an_independent_preprocessing(fine_tuned, photos):
         "predicted_class",
         *[f"probability_{c}" for c in CLASSES],
         "error",
+        "error_message",
     ]
     assert predicted["predicted_class"].tolist() == [CLASSES[i] for i in probabilities.argmax(1)]
 
 
 def test_paths_and_base64_bytes_give_the_same_answer(fine_tuned, photos):
-    by_path = fine_tuned.predict(pd.DataFrame({"path": photos}))
-    encoded = [base64.b64encode(open(path, "rb").read()).decode() for path in photos]
-    by_bytes = fine_tuned.predict(pd.DataFrame({"image": encoded}))
+    by_path = fine_tuned.predict_files(photos)
+    by_bytes = fine_tuned.predict(pd.DataFrame({"image": [encoded(path) for path in photos]}))
     pd.testing.assert_frame_equal(by_path, by_bytes)
 
 
-def test_unreadable_rows_are_reported_and_the_rest_scored(fine_tuned, photos, tmp_path):
+def encoded(path: str) -> str:
+    with open(path, "rb") as stream:
+        return base64.b64encode(stream.read()).decode()
+
+
+def test_unreadable_files_are_reported_and_the_rest_scored(fine_tuned, photos, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    frame = pd.DataFrame({"path": [photos[0], str(broken), None, photos[1]]})
-    predicted = fine_tuned.predict(frame)
-    assert predicted["error"][0] == "" and predicted["error"][3] == ""
-    assert "cannot identify image file" in predicted["error"][1]
-    assert "needs a 'path' or a base64 'image'" in predicted["error"][2]
+    predicted = fine_tuned.predict_files([photos[0], str(broken), photos[1]])
+    assert predicted["error"].tolist() == ["", "unreadable_file", ""]
+    assert predicted["error_message"][1] == ERRORS["unreadable_file"]
     assert (
         predicted["predicted_class"][1] == "" and np.isnan(probability_matrix(predicted)[1]).all()
     )
-    alone = fine_tuned.predict(pd.DataFrame({"path": [photos[0], photos[1]]}))
+    alone = fine_tuned.predict_files([photos[0], photos[1]])
     np.testing.assert_allclose(
-        probability_matrix(predicted)[[0, 3]], probability_matrix(alone), atol=1e-6
+        probability_matrix(predicted)[[0, 2]], probability_matrix(alone), atol=1e-6
     )
 
 
+def test_each_bad_row_gets_its_code_and_the_good_rows_their_answer(fine_tuned, photos, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (5000, 5000), "white").save(big)
+    rows = pd.DataFrame(
+        {
+            "image": [
+                encoded(photos[0]),
+                "this is not base64!",
+                base64.b64encode(b"plain text, not an image").decode(),
+                encoded(str(big)),
+                None,
+                None,
+            ],
+            "path": [None, None, None, None, "/etc/passwd", None],
+        }
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(MAX_PIXELS_VARIABLE, str(4000 * 4000))
+        predicted = fine_tuned.predict(rows)
+    assert predicted["error"].tolist() == [
+        "",
+        "bad_base64",
+        "not_an_image",
+        "too_large",
+        "path_not_allowed",
+        "missing_input",
+    ]
+    good = fine_tuned.predict_files([photos[0]])
+    np.testing.assert_allclose(
+        probability_matrix(predicted)[:1], probability_matrix(good), atol=1e-6
+    )
+    # Failed rows carry None (JSON null), never NaN; no message repeats a path or a repr.
+    assert (
+        predicted.iloc[1:][[c for c in predicted if c.startswith("probability_")]]
+        .isna()
+        .all()
+        .all()
+    )
+    assert all(v is None for v in predicted.iloc[1:]["probability_china"])
+    assert not any("/" in m or "<" in m or "Error" in m for m in predicted["error_message"])
+
+
+def test_server_side_paths_only_when_the_deployer_allows_them(fine_tuned, photos, monkeypatch):
+    rows = pd.DataFrame({"path": [photos[0]]})
+    assert fine_tuned.predict(rows)["error"][0] == "path_not_allowed"
+    monkeypatch.setenv(ALLOW_PATHS_VARIABLE, "true")
+    assert fine_tuned.predict(rows)["error"][0] == ""
+    monkeypatch.setenv(MAX_BYTES_VARIABLE, "ten")
+    with pytest.raises(ValueError, match=MAX_BYTES_VARIABLE):
+        fine_tuned.predict(rows)
+
+
+def test_a_byte_limit_refuses_before_decoding(fine_tuned, photos, monkeypatch):
+    monkeypatch.setenv(MAX_BYTES_VARIABLE, "1000")
+    predicted = fine_tuned.predict(pd.DataFrame({"image": [encoded(photos[0])]}))
+    assert predicted["error"][0] == "too_large"
+
+
 def test_batches_do_not_change_the_answer(fine_tuned, photos):
-    whole = probability_matrix(fine_tuned.predict(pd.DataFrame({"path": photos})))
+    whole = probability_matrix(fine_tuned.predict_files(photos))
     small = ImageClassifier(
         "parameter_transfer",
         CLASSES,
@@ -116,14 +184,11 @@ def test_batches_do_not_change_the_answer(fine_tuned, photos):
         fine_tuned.network_state,
         batch_size=1,
     )
-    np.testing.assert_allclose(
-        probability_matrix(small.predict(pd.DataFrame({"path": photos}))), whole, atol=1e-5
-    )
+    np.testing.assert_allclose(probability_matrix(small.predict_files(photos)), whole, atol=1e-5)
 
 
 def test_a_pickled_model_predicts_alike_and_carries_no_built_network(fine_tuned, photos):
-    frame = pd.DataFrame({"path": photos})
-    expected = fine_tuned.predict(frame)  # builds the network
+    expected = fine_tuned.predict_files(photos)  # builds the network
     state = pickle.dumps(fine_tuned)
     restored = pickle.loads(state)
     assert (
@@ -131,7 +196,7 @@ def test_a_pickled_model_predicts_alike_and_carries_no_built_network(fine_tuned,
         and len(state)
         < 1.2 * sum(t.numel() * t.element_size() for t in fine_tuned.network_state.values()) + 10**6
     )
-    pd.testing.assert_frame_equal(restored.predict(frame), expected)
+    pd.testing.assert_frame_equal(restored.predict_files(photos), expected)
 
 
 def test_a_scikit_learn_head_on_features(photos):
@@ -149,6 +214,6 @@ def test_a_scikit_learn_head_on_features(photos):
         backbone.features.state_dict(),
         head,
     )
-    probabilities = probability_matrix(model.predict(pd.DataFrame({"path": photos})))
+    probabilities = probability_matrix(model.predict_files(photos))
     assert (probabilities[:, 2] == 0).all()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-12)

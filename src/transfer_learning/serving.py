@@ -8,13 +8,19 @@ also what scores the test split: the metrics describe exactly the model users de
 from __future__ import annotations
 
 import base64
+import binascii
+import io
+import logging
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.evaluation import align_probabilities
@@ -22,7 +28,63 @@ from transfer_learning.extraction import EvalCollate, Normaliser, autocast_dtype
 from transfer_learning.images import decode_image_bytes, load_rgb_tensor
 
 ERROR_COLUMN = "error"
+ERROR_MESSAGE_COLUMN = "error_message"
 PROBABILITY_PREFIX = "probability_"
+
+# Per-row error codes: stable, documented (README, "Serve it"), and free of server detail; the
+# full exception goes to the server's log.
+ERRORS = {
+    "missing_input": "The row has no 'image' value: send the image file's bytes, base64-encoded.",
+    "bad_base64": "The 'image' value is not valid base64.",
+    "not_an_image": "The bytes are not an image this model can read (JPEG, PNG, GIF, WebP, BMP, TIFF).",
+    "too_large": "The image is larger than this server accepts (bytes or pixels).",
+    "path_not_allowed": "This endpoint does not read server-side paths: send the image bytes as base64 'image'.",
+    "unreadable_file": "The file could not be read as an image.",
+}
+# Deploy-time settings, read from the serving process's environment.
+ALLOW_PATHS_VARIABLE = "TRANSFER_LEARNING_ALLOW_PATHS"
+MAX_BYTES_VARIABLE = "TRANSFER_LEARNING_MAX_IMAGE_BYTES"
+MAX_PIXELS_VARIABLE = "TRANSFER_LEARNING_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_BYTES = 20_000_000  # 20 MB: larger than any phone photo
+DEFAULT_MAX_PIXELS = 120_000_000  # 120 megapixels: a 12,000 x 9,000 photo still passes
+
+logger = logging.getLogger(__name__)
+
+
+class RowError(Exception):
+    """One row cannot be scored: `code` is one of ERRORS."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one `predict` call accepts: paths or not, and the largest image."""
+
+    allow_paths: bool = False
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def from_environment(cls) -> ServingLimits:
+        """The deployer's settings: server-side paths stay off unless explicitly switched on."""
+        allow = os.environ.get(ALLOW_PATHS_VARIABLE, "").strip().lower() in {"1", "true", "yes"}
+        return cls(
+            allow_paths=allow,
+            max_bytes=_positive_int_from(MAX_BYTES_VARIABLE, DEFAULT_MAX_BYTES),
+            max_pixels=_positive_int_from(MAX_PIXELS_VARIABLE, DEFAULT_MAX_PIXELS),
+        )
+
+
+def _positive_int_from(variable: str, default: int) -> int:
+    value = os.environ.get(variable)
+    if not value:
+        return default
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{variable}={value!r} must be a whole number ≥ 1.")
+    return int(value)
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -31,9 +93,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     `network_state` is either a fine-tuned `Classifier`'s weights (backbone + linear head; `head`
     None) or a backbone's feature weights with `head` the scikit-learn pipeline on its features.
 
-    `predict` takes a DataFrame with a `path` column (image files) or an `image` column (base64
-    encoded image bytes, for `mlflow models serve`) and returns `predicted_class`, one
-    `probability_<class>` column per class, and `error` (empty, or why that image could not be read).
+    `predict` — what `mlflow models serve` runs for network clients — takes a DataFrame with an
+    `image` column (base64-encoded image bytes) and returns `predicted_class`, one
+    `probability_<class>` column per class (None where the row failed: `null` in JSON), `error`
+    (empty, or a code of ERRORS) and `error_message`. It never opens a path a client names, unless
+    the deployer sets TRANSFER_LEARNING_ALLOW_PATHS=true. `predict_files` is the trusted local
+    entry (the evaluation and the predict pipeline): it reads the user's own image files.
     """
 
     def __init__(
@@ -64,17 +129,26 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self._network = None
 
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """Probabilities for every row, decoded and scored `batch_size` rows at a time."""
+        """Probabilities for every row of base64 `image` bytes (a network client's request)."""
+        limits = ServingLimits.from_environment()
         rows = model_input.to_dict("records")
-        probabilities = np.full((len(rows), len(self.classes)), np.nan)
-        errors = [""] * len(rows)
-        for start in range(0, len(rows), self.batch_size):
+        return self._score([lambda row=row: self._decode_row(row, limits) for row in rows])
+
+    def predict_files(self, locations: Sequence[str]) -> pd.DataFrame:
+        """Probabilities for the user's own image files (trusted: local, never a network client)."""
+        return self._score([lambda where=where: self._read_file(where) for where in locations])
+
+    def _score(self, decoders: list) -> pd.DataFrame:
+        """Decode and score `batch_size` rows at a time; a row that fails gets an error code."""
+        probabilities = np.full((len(decoders), len(self.classes)), np.nan)
+        errors = [""] * len(decoders)
+        for start in range(0, len(decoders), self.batch_size):
             images = {}
-            for position in range(start, min(start + self.batch_size, len(rows))):
+            for position in range(start, min(start + self.batch_size, len(decoders))):
                 try:
-                    images[position] = self._decode(rows[position])
-                except Exception as error:  # any unreadable input is reported, never dropped
-                    errors[position] = f"{type(error).__name__}: {error}"
+                    images[position] = decoders[position]()
+                except RowError as error:
+                    errors[position] = error.code
             if images:
                 probabilities[list(images)] = self.probabilities(list(images.values()))
         return self._frame(probabilities, errors)
@@ -110,17 +184,54 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self._collate = EvalCollate(backbone.preprocessing)
         self._normalise = Normaliser(backbone.preprocessing).to(self._device)
 
-    def _decode(self, row: dict[str, Any]) -> torch.Tensor:
-        # Decoded as training decoded (large JPEGs at reduced scale): no train/serve skew.
+    def _decode_row(self, row: dict[str, Any], limits: ServingLimits) -> torch.Tensor:
         # Missing cells arrive as None or NaN, depending on the column's other values.
-        path, data = row.get("path"), row.get("image")
-        if isinstance(path, str) and path:
-            return load_rgb_tensor(path, self.image_size)
+        data, path = row.get("image"), row.get("path")
         if isinstance(data, str) and data:
-            return decode_image_bytes(base64.b64decode(data), self.image_size)
+            if len(data) > limits.max_bytes * 4 // 3 + 4:  # base64 of more than max_bytes
+                raise RowError("too_large")
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError) as error:
+                raise RowError("bad_base64") from error
         if isinstance(data, bytes) and data:
+            return self._decode_bytes(data, limits)
+        if isinstance(path, str) and path:
+            if not limits.allow_paths:
+                logger.warning(
+                    "Refused a row naming a server-side path (%s is off)", ALLOW_PATHS_VARIABLE
+                )
+                raise RowError("path_not_allowed")
+            return self._read_file(path)
+        raise RowError("missing_input")
+
+    def _decode_bytes(self, data: bytes, limits: ServingLimits) -> torch.Tensor:
+        """Checked against the limits from the header alone, then decoded as training decoded
+        (large JPEGs at reduced scale): no train/serve skew."""
+        if len(data) > limits.max_bytes:
+            raise RowError("too_large")
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except Image.DecompressionBombError as error:
+            raise RowError("too_large") from error
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            logger.info("Unreadable image bytes: %s", error)
+            raise RowError("not_an_image") from error
+        if width * height > limits.max_pixels:
+            raise RowError("too_large")
+        try:
             return decode_image_bytes(data, self.image_size)
-        raise ValueError("each row needs a 'path' or a base64 'image'")
+        except Exception as error:  # a truncated or corrupt body: PIL raises many types
+            logger.info("Undecodable image bytes: %r", error)
+            raise RowError("not_an_image") from error
+
+    def _read_file(self, location: str) -> torch.Tensor:
+        try:
+            return load_rgb_tensor(location, self.image_size)
+        except Exception as error:  # missing, unreadable or corrupt files alike
+            logger.warning("Cannot read %s: %r", location, error)
+            raise RowError("unreadable_file") from error
 
     def _frame(self, probabilities: np.ndarray, errors: list[str]) -> pd.DataFrame:
         frame = pd.DataFrame(
@@ -130,11 +241,25 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         best = np.nan_to_num(probabilities, nan=-1).argmax(axis=1)
         predicted = np.where(unread, "", np.asarray(self.classes, dtype=object)[best])
         frame.insert(0, "predicted_class", predicted)
+        if unread.any():
+            # None, not NaN: `null` in the served JSON, which strict parsers accept.
+            columns = [c for c in frame.columns if c.startswith(PROBABILITY_PREFIX)]
+            keep = np.repeat(~unread[:, None], len(columns), axis=1)
+            frame[columns] = frame[columns].astype(object).where(keep, None)
         frame[ERROR_COLUMN] = errors
+        frame[ERROR_MESSAGE_COLUMN] = [ERRORS.get(code, "") for code in errors]
         return frame
 
 
 def probability_matrix(predictions: pd.DataFrame) -> np.ndarray:
-    """The `probability_<class>` columns of `ImageClassifier.predict`'s output, in class order."""
+    """The `probability_<class>` columns of `ImageClassifier.predict`'s output, in class order
+    (NaN where a row failed)."""
     columns = [c for c in predictions.columns if c.startswith(PROBABILITY_PREFIX)]
-    return predictions[columns].to_numpy(np.float64)
+    return predictions[columns].astype(np.float64).to_numpy()
+
+
+def local_image_classifier(image_model: Any) -> ImageClassifier:
+    """The ImageClassifier itself, also when it comes wrapped in MLflow's PyFuncModel (as the
+    catalog loads it): its trusted `predict_files` is not part of the pyfunc interface."""
+    unwrap = getattr(image_model, "unwrap_python_model", None)
+    return unwrap() if unwrap is not None else image_model

@@ -195,9 +195,7 @@ def test_evaluation_scores_every_model_on_the_target_test_and_reports(source, tm
     # source_only is the strategy's own image model: its target accuracy, computed here apart.
     target = outputs["target_index"]
     test = target[target["split"] == "test"]
-    served = source["feature_transfer.image_model"].predict(
-        pd.DataFrame({"path": test["location"]})
-    )
+    served = source["feature_transfer.image_model"].predict_files(test["location"].tolist())
     expected = (served["predicted_class"].astype(int).to_numpy() == test["label"].to_numpy()).mean()
     row = metrics["feature_transfer"]["source_only"]
     assert row["target_accuracy"] == pytest.approx(expected, abs=1e-12)

@@ -14,7 +14,11 @@ from transfer_learning.evaluation import (
     evaluate_predictions,
     reliability_figure,
 )
-from transfer_learning.serving import ImageClassifier, probability_matrix
+from transfer_learning.serving import (
+    ImageClassifier,
+    local_image_classifier,
+    probability_matrix,
+)
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
 logger = logging.getLogger(__name__)
@@ -36,11 +40,12 @@ def score_test_split(image_model: Any, test_index: pd.DataFrame) -> dict[str, np
     code that `predict` and `mlflow models serve` run, so the metrics describe what is deployed.
     """
     locations = test_index["location"].tolist()
-    predictions = image_model.predict(pd.DataFrame({"path": locations}))
+    predictions = local_image_classifier(image_model).predict_files(locations)
     failed = predictions[predictions["error"] != ""]
     if not failed.empty:
         listing = "\n".join(
-            f"  {locations[i]}: {error}" for i, error in failed["error"].head(20).items()
+            f"  {locations[i]}: {message}"
+            for i, message in failed["error_message"].head(20).items()
         )
         raise EvaluationError(
             f"{len(failed)} test image(s) could not be scored:\n{listing}\n"
@@ -83,6 +88,4 @@ def evaluate_test_predictions(
 
 def register_image_model(image_model: Any) -> ImageClassifier:
     """The evaluated model, to be logged and registered in MLflow as transfer_learning_<strategy>."""
-    # Loaded back from disk, the model comes wrapped in MLflow's PyFuncModel.
-    unwrap = getattr(image_model, "unwrap_python_model", None)
-    return unwrap() if unwrap is not None else image_model
+    return local_image_classifier(image_model)  # loaded back from disk, it comes wrapped

@@ -12,6 +12,7 @@ import pandas as pd
 
 from transfer_learning.config import require_known_keys
 from transfer_learning.images import IMAGE_EXTENSIONS
+from transfer_learning.serving import local_image_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +56,16 @@ def list_images(predict: dict[str, Any], strategies: Sequence[str]) -> pd.DataFr
 
 
 def predict_images(image_model: Any, images: pd.DataFrame) -> pd.DataFrame:
-    """path, predicted class, one probability column per class, and why a file could not be read."""
-    predictions = image_model.predict(images)
+    """path, predicted class, one probability column per class, and why a file could not be read
+    (`error`: a code, `error_message`: in words)."""
+    predictions = local_image_classifier(image_model).predict_files(images["path"].tolist())
     table = pd.concat([images.reset_index(drop=True), predictions.reset_index(drop=True)], axis=1)
     unreadable = table[table["error"] != ""]
     if not unreadable.empty:
         logger.warning(
             "%d image(s) could not be read and have no prediction:\n%s",
             len(unreadable),
-            "\n".join(f"  {row.path}: {row.error}" for row in unreadable.itertuples()),
+            "\n".join(f"  {row.path}: {row.error_message}" for row in unreadable.itertuples()),
         )
     logger.info("Labelled %d of %d images", len(table) - len(unreadable), len(table))
     return table
