@@ -53,13 +53,17 @@ def shipped(name: str) -> dict:
     raise KeyError(name)
 
 
-def prepare(data: str, seed: int, imbalance_ratio: float | None = None):
-    """Index, profile, resolved backbone and features of the folder, as the pipelines make them."""
+def prepare(data: str, seed: int, imbalance_ratio: float | None = None, backbone=None):
+    """Index, profile, resolved backbone and features of the folder, as the pipelines make them
+    (`backbone`: keys over the shipped block, for features and fine-tuning alike)."""
     settings = DataSettings(source="imagefolder", path=data, imbalance_ratio=imbalance_ratio)
     index, classes, _ = build_image_index(settings, seed)
     profile = profile_images(index, settings, seed)
     backbone = asdict(
-        resolve_image_size(BackboneSettings(**shipped("backbone")), profile["typical_short_side"])
+        resolve_image_size(
+            BackboneSettings(**{**shipped("backbone"), **(backbone or {})}),
+            profile["typical_short_side"],
+        )
     )
     extraction = {**shipped("extraction"), "progress": False}
     start = time.perf_counter()
@@ -87,7 +91,9 @@ def prepare(data: str, seed: int, imbalance_ratio: float | None = None):
 
 
 def curve(args) -> None:
-    index, class_names, profile, backbone, features = prepare(args.data, args.seed)
+    index, class_names, profile, backbone, features = prepare(
+        args.data, args.seed, backbone=args.backbone
+    )
     params = {"per_class": args.per_class, "repeats": args.repeats, "strategies": args.strategies}
     subsets = draw_curve_subsets(index, params, args.seed)
     frames = []
@@ -103,7 +109,7 @@ def curve(args) -> None:
                 subsets,
                 index,
                 class_names,
-                {**backbone, **(args.backbone or {})},
+                backbone,
                 finetune,
                 None,
                 profile,

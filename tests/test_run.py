@@ -524,3 +524,129 @@ def test_learning_curve_run_reports_every_point_as_an_mlflow_child_run(default_r
     }
     artefacts = {a.path for a in client.list_artifacts(parent.info.run_id, "learning_curve")}
     assert "learning_curve/learning_curve.csv" in artefacts
+
+
+# ---- Airflow: the generated DAGs, run by a real Airflow (`make airflow` builds .venv-airflow) ----
+
+AIRFLOW_PYTHON = PROJECT_ROOT / ".venv-airflow" / "bin" / "python"
+AIRFLOW_PIPELINES = [
+    "__default__",
+    "feature_transfer",
+    "parameter_transfer",
+    "structure_transfer",
+    "predict",
+]
+CONF_ARCHIVE = PROJECT_ROOT / "dist" / "conf-transfer_learning.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def airflow_dags(tmp_path_factory) -> Path:
+    """The DAGs as `make airflow-dags` writes them, with a 2 s retry delay for the tests."""
+    if not AIRFLOW_PYTHON.exists() or not CONF_ARCHIVE.exists():
+        pytest.fail("No Airflow environment: run `make airflow` (make test does) first.")
+    folder = tmp_path_factory.mktemp("dags")
+    completed = subprocess.run(
+        [sys.executable, "-m", "kedro", "airflow", "create", "--env", "airflow", "--group-by",
+         "memory", "--jinja-file", "deploy/airflow_dag_template.j2", "--target-dir", str(folder),
+         "--pipelines", ",".join(AIRFLOW_PIPELINES), "--params", "retry_delay_seconds=2"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return folder
+
+
+def airflow(dags: Path, project: Path, *args: str, timeout: int = 900):
+    """Run Airflow's Python in its own environment, on `dags`, with tasks working in `project`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIRFLOW"))}
+    env.update(
+        AIRFLOW_HOME=str(project / "airflow_home"),
+        AIRFLOW__CORE__DAGS_FOLDER=str(dags),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        TRANSFER_LEARNING_PROJECT_PATH=str(project),
+        TRANSFER_LEARNING_CONF_SOURCE=str(CONF_ARCHIVE),
+        KEDRO_DISABLE_TELEMETRY="true",
+        PATH=os.pathsep.join([str(AIRFLOW_PYTHON.parent), env.get("PATH", "")]),
+    )
+    return subprocess.run(
+        [str(AIRFLOW_PYTHON), *args], cwd=project, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def kedro_task_graph(pipeline_name: str) -> set[tuple[str, str]]:
+    """The edges the DAG must have: Kedro's node groups (`--group-by memory` in the airflow
+    environment) and their dependencies, plus the MLflow run that comes first."""
+    from kedro.framework.project import pipelines
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+    from kedro_airflow.grouping import group_memory_nodes
+    from slugify import slugify
+
+    bootstrap_project(PROJECT_ROOT)
+    with KedroSession.create(project_path=PROJECT_ROOT, env="airflow") as session:
+        catalog = session.load_context().catalog
+    groups = group_memory_nodes(catalog, pipelines[pipeline_name])
+    edges = {("start_mlflow_run", slugify(group.name)) for group in groups}
+    edges |= {(slugify(dep), slugify(group.name)) for group in groups for dep in group.dependencies}
+    return edges
+
+
+def test_every_generated_dag_imports_and_has_kedros_graph(airflow_dags, tmp_path):
+    script = """
+import json, os
+from airflow.models import DagBag
+bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+print(json.dumps({
+    "errors": {str(k): str(v) for k, v in bag.import_errors.items()},
+    "dags": {dag_id: sorted([up, task.task_id] for task in dag.tasks for up in task.upstream_task_ids)
+             for dag_id, dag in bag.dags.items()},
+}))
+"""
+    completed = airflow(airflow_dags, tmp_path, "-c", script)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    found = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert found["errors"] == {}
+    expected_ids = {
+        f"transfer-learning-{name.strip('_').replace('_', '-')}" for name in AIRFLOW_PIPELINES
+    }
+    assert set(found["dags"]) == expected_ids
+    for name in AIRFLOW_PIPELINES:
+        dag_id = f"transfer-learning-{name.strip('_').replace('_', '-')}"
+        assert {tuple(edge) for edge in found["dags"][dag_id]} == kedro_task_graph(name), name
+    # The resolved backbone is persisted: extraction and each training are tasks of their own.
+    assert [
+        "extract-image-features",
+        "feature-transfer-split-features-feature-transfer-fit-head",
+    ] in (found["dags"]["transfer-learning-feature-transfer"])
+
+
+def test_feature_transfer_dag_run_is_one_mlflow_run_with_the_kedro_runs_metrics(
+    default_run, airflow_dags, tmp_path
+):
+    project, _ = default_run
+    workdir = copy_project(tmp_path / "airflow_project")
+    migrated = airflow(airflow_dags, workdir, "-m", "airflow", "db", "migrate")
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
+    completed = airflow(
+        airflow_dags, workdir, "-m", "airflow", "dags", "test", "transfer-learning-feature-transfer"
+    )
+    (tmp_path / "dags_test.log").write_text(completed.stdout + completed.stderr)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "state=success" in completed.stdout + completed.stderr
+    reports = workdir / "data" / "08_reporting"
+    by_airflow = json.loads((reports / "feature_transfer_metrics.json").read_text())
+    by_kedro = json.loads(
+        (project / "data" / "08_reporting" / "feature_transfer_metrics.json").read_text()
+    )
+    for metric in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece"):
+        assert by_airflow[metric] == pytest.approx(by_kedro[metric], abs=1e-9), metric
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("transfer_learning")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1  # every task of the DAG run logged into the same run
+    run = runs[0]
+    assert run.data.tags["airflow.dag_id"] == "transfer-learning-feature-transfer"
+    assert run.data.tags["airflow.run_id"].startswith("manual__")
+    assert run.data.metrics["feature_transfer.accuracy"] == pytest.approx(by_airflow["accuracy"])
+    assert "extraction.images_per_second" in run.data.metrics  # from an earlier task
