@@ -126,3 +126,25 @@ def test_cross_validation_is_seeded_and_refits_on_everything(splits):
     again = select_and_fit(train, val, settings, seed=4)
     assert first.search == again.search and first.best_params == again.best_params
     assert first.model["scale"].n_samples_seen_ == len(train[1]) + len(val[1])
+
+
+def test_every_project_head_is_stored_by_mlflow_with_the_types_the_catalog_trusts(tmp_path):
+    """The MLflow copy of the head (skops format) refuses types it is not told to trust."""
+    import mlflow.sklearn
+    import yaml
+
+    from tests.conftest import PROJECT_ROOT
+
+    catalog = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "catalog.yml").read_text())
+    trusted = catalog["feature_transfer.mlflow_model"]["save_args"]["skops_trusted_types"]
+    x, y = make_classification(120, 6, n_informative=4, n_classes=3, random_state=0)
+    for settings in (
+        HeadSettings(type="prototype", logit_adjustment=1.0),
+        HeadSettings(type="logistic_regression", logit_adjustment=0.5),
+    ):
+        model = select_and_fit((x, y), (x[:0], y[:0]), settings, seed=0).model
+        where = tmp_path / settings.type
+        mlflow.sklearn.save_model(model, str(where), skops_trusted_types=trusted)
+        np.testing.assert_array_equal(
+            mlflow.sklearn.load_model(str(where)).predict_proba(x), model.predict_proba(x)
+        )
