@@ -175,7 +175,7 @@ class HeadSettings:
         return dict(_HEADS[head_type][1]) if head_type in _HEADS else {}
 
     def _configured_type(self) -> str:
-        return "logistic_regression" if self.type == "auto" else self.type
+        return AUTO_CANDIDATES[-1] if self.type == "auto" else self.type
 
 
 def build_head(settings: HeadSettings, seed: int, head_type: str | None = None) -> Pipeline:
@@ -296,9 +296,7 @@ def _smallest_class(labels: np.ndarray) -> int:
 def _fold_scores(template, grid, train, val, settings: HeadSettings, seed: int) -> np.ndarray:
     """(folds, grid points, [accuracy, log-loss]) of stratified k-fold CV on train+val."""
     features, labels = np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]])
-    folds = min(settings.cv_folds, _smallest_class(labels))
-    if folds < 2:
-        raise HeadError("head.selection=cv needs at least 2 images of every class in train+val.")
+    folds = min(settings.cv_folds, _smallest_class(labels))  # ≥ 2: select_and_fit checks
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return np.array(
         [
@@ -349,13 +347,12 @@ def select_and_fit(
     for head_type in types:
         template = build_head(settings, seed, head_type)
         grid = _grid_points(template, settings, head_type) if selectable else [{}]
-        scores = (
-            _fold_scores(template, grid, train, val, settings, seed)
-            if cv and selectable
-            else np.array([_scores_on(template, grid, train, val)])
-            if selectable
-            else np.full((1, 1, 2), np.nan)
-        )
+        if not selectable:
+            scores = np.full((1, 1, 2), np.nan)
+        elif cv:
+            scores = _fold_scores(template, grid, train, val, settings, seed)
+        else:
+            scores = np.array([_scores_on(template, grid, train, val)])
         mean, spread = scores.mean(axis=0), scores.std(axis=0)
         for i, point in enumerate(grid):
             candidates.append(_Candidate(head_type, template, point))

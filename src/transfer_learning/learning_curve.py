@@ -30,7 +30,8 @@ CURVE_COLUMNS = [
     "fit_seconds",
     "head",
 ]
-CURVE_STRATEGIES = ("feature_transfer", "parameter_transfer", "structure_transfer")
+FINETUNING_STRATEGIES = ("parameter_transfer", "structure_transfer")  # one network per point
+CURVE_STRATEGIES = ("feature_transfer", *FINETUNING_STRATEGIES)
 
 
 class CurveError(ValueError):

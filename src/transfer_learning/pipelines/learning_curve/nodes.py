@@ -25,7 +25,7 @@ from transfer_learning.learning_curve import (
     summarise,
 )
 from transfer_learning.pipelines.evaluation.nodes import score_test_split
-from transfer_learning.serving import ImageClassifier
+from transfer_learning.pipelines.parameter_transfer.nodes import package_image_model
 from transfer_learning.strategies import STRATEGIES
 
 logger = logging.getLogger(__name__)
@@ -117,14 +117,12 @@ def finetuning_curve(  # noqa: PLR0913 (the points, the fine-tuning recipe block
             resolve_device(device),
             run_name=f"learning_curve/{strategy}",
         )
-        model = ImageClassifier(
-            strategy=strategy,
-            classes=class_names["classes"],
-            backbone_name=resolved.backbone.name,
-            image_size=int(resolved.backbone.image_size),
-            network_state=result.state_dict,
-        )
-        scored = score_test_split(model, test)
+        checkpoint = {
+            "state_dict": result.state_dict,
+            "backbone_name": resolved.backbone.name,
+            "image_size": int(resolved.backbone.image_size),
+        }
+        scored = score_test_split(package_image_model(checkpoint, class_names, strategy), test)
         rows.append(
             _point(
                 strategy,

@@ -6,6 +6,7 @@ feature_transfer point; the fine-tuning strategies train one network per point.
 
 from kedro.pipeline import Node, Pipeline
 
+from transfer_learning.learning_curve import FINETUNING_STRATEGIES as FINETUNING
 from transfer_learning.pipelines import bind
 
 from .nodes import (
@@ -14,8 +15,6 @@ from .nodes import (
     finetuning_curve,
     report_learning_curve,
 )
-
-FINETUNING = ("parameter_transfer", "structure_transfer")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
