@@ -141,7 +141,9 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
     )
     print(f"source: {len(index)} images ({profile}), backbone {backbone}", flush=True)
 
-    features, _ = extract_image_features(index, backbone, params["extraction"], device)
+    features, _ = extract_image_features(
+        index, backbone, params["extraction"], device, params["distributed"]
+    )
     train_features, val_features = split_features(features)
     head, _, head_summary = fit_head(train_features, val_features, params["head"], seed)
     train_index, val_index = split_train_val(index)
@@ -160,6 +162,7 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
         params["training"],
         seed,
         device,
+        params["distributed"],
         "parameter_transfer",
     )
     source_seconds = time.perf_counter() - started

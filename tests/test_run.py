@@ -318,6 +318,34 @@ for strategy in {STRATEGY_NAMES!r}:
         assert float(served_accuracy[strategy]) == pytest.approx(metrics["accuracy"], abs=1e-12)
 
 
+def test_parameter_transfer_on_two_processes_is_one_run_with_one_set_of_outputs(default_run):
+    project, _ = default_run
+    models = project / "data" / "06_models" / "parameter_transfer"
+    outputs = ("model.pt", "image_model")
+    before = {output: {p.name for p in (models / output).iterdir()} for output in outputs}
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("transfer_learning")
+    runs_before = len(client.search_runs([experiment.experiment_id]))
+    completed = kedro(
+        project,
+        "--pipelines=parameter_transfer",
+        "--params=distributed.nproc_per_node=2,parameter_transfer.finetune.epochs=2",
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "Starting 2 worker processes" in completed.stdout + completed.stderr
+    # One Kedro run: one MLflow run, one new version of each output, one checkpoint.
+    assert len(client.search_runs([experiment.experiment_id])) == runs_before + 1
+    run = latest_run(project)
+    assert run.data.params["distributed.nproc_per_node"] == "2"
+    assert run.data.metrics["parameter_transfer.best_val_accuracy"] > 0.5
+    history = client.get_metric_history(run.info.run_id, "parameter_transfer.val_accuracy")
+    assert [point.step for point in history] == [1, 2]
+    for output in outputs:
+        assert len({p.name for p in (models / output).iterdir()} - before[output]) == 1, output
+    checkpoints = project / "data" / "06_models" / "checkpoints" / "parameter_transfer"
+    assert [p.name for p in checkpoints.iterdir()] == ["last.pt"]
+
+
 def latest_run(project: Path):
     """The latest `kedro run`'s MLflow run (not one of its child runs)."""
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")

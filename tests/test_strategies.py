@@ -44,6 +44,7 @@ def test_a_toy_strategy_runs_through_evaluation_and_comparison():
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 32}),
             "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
             "params:device": MemoryDataset("cpu"),
+            "params:distributed": MemoryDataset({}),
             **backbone_choice_inputs(),
             "params:head": MemoryDataset({"type": "logistic_regression", "grid": {"C": [0.1]}}),
         }

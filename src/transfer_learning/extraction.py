@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,26 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from transfer_learning.backbones import Backbone, Preprocessing
 from transfer_learning.config import check_known_keys
-from transfer_learning.images import DIGITS_SCHEME, load_rgb_tensor
+from transfer_learning.distributed import (
+    SINGLE_PROCESS,
+    DistributedSettings,
+    ProcessContext,
+    contiguous_shard,
+    launch,
+)
+from transfer_learning.images import (
+    DIGITS_SCHEME,
+    JPEG_MAGIC,
+    decode_image_bytes,
+    load_rgb_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +57,7 @@ class ExtractionSettings:
     num_workers: int | str = "auto"
     cache_dir: str | None = "data/04_feature/cache"
     progress: bool = True
+    decode: str = "auto"  # auto: JPEGs decoded on the GPU when extracting on CUDA; cpu: never
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExtractionSettings:
@@ -50,6 +65,8 @@ class ExtractionSettings:
         settings = cls(**params)
         if not isinstance(settings.batch_size, int) or settings.batch_size < 1:
             raise ExtractionError(f"extraction.batch_size={settings.batch_size!r} must be ≥ 1.")
+        if settings.decode not in ("auto", "cpu"):
+            raise ExtractionError(f"extraction.decode={settings.decode!r} must be auto or cpu.")
         if settings.num_workers != "auto" and (
             not isinstance(settings.num_workers, int) or settings.num_workers < 0
         ):
@@ -137,7 +154,9 @@ class EvalCollate:
         if len(by_shape) == 1:
             return self.transform(torch.stack(images))
         size = self.transform.size
-        batch = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+        batch = torch.empty(
+            (len(images), 3, size, size), dtype=torch.uint8, device=images[0].device
+        )
         for positions in by_shape.values():
             batch[positions] = self.transform(torch.stack([images[p] for p in positions]))
         return batch
@@ -187,21 +206,24 @@ def _worker_init(_: int) -> None:
 
 def image_loader(
     dataset: Dataset,
-    batch_size: int,
+    batch_size: int | None,
     num_workers: int,
     device: torch.device,
     sampler: Sampler | None = None,
     drop_last: bool = False,
     collate_fn: Callable[[list], Any] | None = None,
+    batch_sampler: Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader that overlaps decoding with compute and pins memory for GPU copies.
 
     `sampler`: the order of the images (e.g. `shuffled`); None reads them in order.
+    `batch_sampler`: whole batches instead (then `batch_size` is None).
     """
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=1 if batch_sampler is not None else batch_size,
         sampler=sampler,
+        batch_sampler=batch_sampler,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init if num_workers else None,
@@ -256,41 +278,100 @@ def extract_features(
     locations: Sequence[str],
     settings: ExtractionSettings,
     device: torch.device,
+    distributed: DistributedSettings = SINGLE_PROCESS,
 ) -> ExtractionResult:
-    """Features of every image in `locations`, in order; reused from the cache when unchanged."""
-    key = feature_cache_key(backbone, locations, device) if settings.cache_dir else None
+    """Features of every image in `locations`, in order; reused from the cache when unchanged.
+
+    With `distributed` over several processes, each extracts a contiguous shard straight into
+    its rows of one file; the result (and the cache entry) is the same as one process's.
+    """
+    gpu_decode = device.type == "cuda" and settings.decode != "cpu"
+    key = feature_cache_key(backbone, locations, device, gpu_decode) if settings.cache_dir else None
     cache_file = Path(settings.cache_dir) / f"{key}.npy" if key else None
     if cache_file is not None and cache_file.exists():
         features = np.load(cache_file, mmap_mode="r", allow_pickle=False)
         logger.info("Features unchanged since an earlier run: reusing %s", cache_file)
         return ExtractionResult(features, 0.0, True, key)
+    if distributed.nnodes > 1 and cache_file is None:
+        raise ExtractionError(
+            "distributed.nnodes > 1 needs extraction.cache_dir on a file system every node "
+            "shares: the nodes write their shards of the features there."
+        )
 
-    if cache_file is not None:
+    shape = (len(locations), backbone.feature_dim)
+    with _output_file(cache_file, distributed) as partial:
         # Written straight to disk in chunks, so RAM does not grow with the number of images.
+        output = (
+            np.empty(shape, dtype=np.float32)
+            if partial is None
+            else np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        )
+        start = time.perf_counter()
+        if partial is not None:
+            output.flush()
+            del output  # the processes write through their own maps of the file
+        launch(
+            distributed,
+            device,
+            _extract_shard,
+            backbone,
+            list(locations),
+            settings,
+            output if partial is None else partial,
+        )
+        seconds = time.perf_counter() - start
+        if partial is None:
+            return ExtractionResult(output, seconds, False, key)
+        if cache_file is None:
+            return ExtractionResult(np.load(partial, allow_pickle=False), seconds, False, key)
+        os.replace(partial, cache_file)
+    features = np.load(cache_file, mmap_mode="r", allow_pickle=False)
+    return ExtractionResult(features, seconds, False, key)
+
+
+@contextmanager
+def _output_file(
+    cache_file: Path | None, distributed: DistributedSettings
+) -> Iterator[Path | None]:
+    """Where the features are written while they are computed: a partial file next to the
+    cache entry, a temporary file for several processes without a cache, or None (memory).
+    A partial file left by a failure is removed."""
+    if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(f".{os.getpid()}.partial.npy")
-        features = np.lib.format.open_memmap(
-            partial, mode="w+", dtype=np.float32, shape=(len(locations), backbone.feature_dim)
-        )
-    else:
-        features = np.empty((len(locations), backbone.feature_dim), dtype=np.float32)
-
-    start = time.perf_counter()
-    try:
-        for first, batch_features in _stream_features(backbone, locations, settings, device):
-            features[first : first + len(batch_features)] = batch_features
-    except BaseException:
-        if cache_file is not None:
-            del features
+        try:
+            yield partial
+        finally:
             partial.unlink(missing_ok=True)
-        raise
-    seconds = time.perf_counter() - start
-    if cache_file is not None:
-        features.flush()
-        del features
-        os.replace(partial, cache_file)
-        features = np.load(cache_file, mmap_mode="r", allow_pickle=False)
-    return ExtractionResult(features, seconds, False, key)
+    elif distributed.world_size > 1:
+        with tempfile.TemporaryDirectory(prefix="features-") as folder:
+            yield Path(folder) / "features.npy"
+    else:
+        yield None
+
+
+def _extract_shard(
+    context: ProcessContext,
+    backbone: Backbone,
+    locations: list[str],
+    settings: ExtractionSettings,
+    output: np.ndarray | Path,
+) -> None:
+    """This process's contiguous shard of `locations` into its rows of `output`.
+
+    Shards start on batch boundaries, so every batch holds the images one process would put in
+    it and the features are the same whatever the number of processes.
+    """
+    shard = contiguous_shard(len(locations), context, settings.batch_size)
+    rows = np.lib.format.open_memmap(output, mode="r+") if isinstance(output, Path) else output
+    settings = replace(settings, progress=settings.progress and context.is_main)
+    batches = _stream_features(
+        backbone, locations[shard.start : shard.stop], settings, context.device
+    )
+    for first, batch_features in batches:
+        rows[shard.start + first : shard.start + first + len(batch_features)] = batch_features
+    if isinstance(rows, np.memmap):
+        rows.flush()
 
 
 def _stream_features(
@@ -305,6 +386,8 @@ def _stream_features(
     collate = EvalCollate(backbone.preprocessing)
     if device.type == "cpu" and settings.num_workers == "auto":
         batches = _cpu_streams(network, normalise, dataset, collate, settings.batch_size)
+    elif device.type == "cuda" and settings.decode != "cpu":  # as `extract_features` keys it
+        batches = _gpu_decoded_batches(network, normalise, locations, collate, settings, device)
     else:
         batches = _loader_batches(network, normalise, dataset, collate, settings, device)
     first = 0
@@ -340,6 +423,67 @@ def _loader_batches(network, normalise, dataset, collate, settings, device):
             yield network(normalise(batch)).float().cpu().numpy()
 
 
+class EncodedImages(Dataset):
+    """For decoding on the GPU: a JPEG file's bytes as a 1-D uint8 tensor, read in a worker;
+    any other image (PNG, digits, …) decoded on the CPU as a (3, H, W) tensor."""
+
+    def __init__(self, locations: Sequence[str], min_size: int) -> None:
+        self.images = ImageDataset(locations, min_size=min_size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor]:
+        location = self.images.locations[position]
+        if not location.startswith(DIGITS_SCHEME):
+            data = Path(location).read_bytes()
+            if data[:3] == JPEG_MAGIC:
+                return position, torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return position, self.images[position]
+
+
+def _gpu_decoded_batches(network, normalise, locations, collate, settings, device):
+    """CUDA: workers only read files; JPEGs are decoded on the GPU in batches (nvJPEG), then
+    resized, normalised and run there under autocast. A batch that nvJPEG refuses (CMYK,
+    unusual sampling) is decoded image by image on the CPU instead."""
+    loader = image_loader(
+        EncodedImages(locations, collate.transform.size),
+        settings.batch_size,
+        resolve_num_workers(settings.num_workers, device),
+        device,
+        collate_fn=list,
+    )
+    dtype = autocast_dtype(device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        for items in loader:
+            images = [image.to(device, non_blocking=True) for _, image in items]
+            encoded = [i for i, (_, image) in enumerate(items) if image.ndim == 1]
+            if encoded:
+                decoded = _decode_on_gpu(items, encoded, locations, device)
+                for i, image in zip(encoded, decoded, strict=True):
+                    images[i] = image
+            yield network(normalise(collate(images))).float().cpu().numpy()
+
+
+def _decode_on_gpu(items, encoded: list[int], locations, device) -> list[torch.Tensor]:
+    data = [items[i][1] for i in encoded]
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        decoded = []
+        for i in encoded:
+            position, encoded_bytes = items[i]
+            try:
+                decoded.append(decode_image_bytes(encoded_bytes.numpy().tobytes()).to(device))
+            except Exception as error:
+                raise ExtractionError(
+                    f"Cannot decode image {locations[position]}: {error}. Fix or remove the "
+                    "file and re-run data_ingestion (data.on_corrupt=skip leaves unreadable "
+                    "files out)."
+                ) from error
+        return decoded
+
+
 def _cpu_streams(network, normalise, dataset, collate, batch_size):
     """CPU: one single-threaded decode → forward stream per core, results in order.
 
@@ -366,10 +510,14 @@ def _cpu_streams(network, normalise, dataset, collate, batch_size):
             yield output
 
 
-def feature_cache_key(backbone: Backbone, locations: Sequence[str], device: torch.device) -> str:
-    """A digest of everything the features depend on: images, weights, preprocessing, precision."""
+def feature_cache_key(
+    backbone: Backbone, locations: Sequence[str], device: torch.device, gpu_decode: bool = False
+) -> str:
+    """A digest of everything the features depend on: images, weights, preprocessing, precision,
+    and the JPEG decoder (the GPU's rounds pixels differently)."""
     digest = hashlib.sha256()
     settings = backbone.settings
+    decoder = ("gpu-decode",) if gpu_decode else ()
     digest.update(
         repr(
             (
@@ -378,6 +526,7 @@ def feature_cache_key(backbone: Backbone, locations: Sequence[str], device: torc
                 settings.pretrained,
                 backbone.preprocessing,
                 str(autocast_dtype(device)),
+                *decoder,
             )
         ).encode()
     )

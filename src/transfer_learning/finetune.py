@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -39,6 +40,16 @@ from transfer_learning.backbones import (
 )
 from transfer_learning.config import check_known_keys, require_known_keys, with_overrides
 from transfer_learning.datasets import write_atomically
+from transfer_learning.distributed import (
+    SINGLE_PROCESS,
+    DistributedSettings,
+    ProcessContext,
+    contiguous_shard,
+    gather_in_rank_order,
+    launch,
+    sum_over_ranks,
+    synchronise_batchnorm,
+)
 from transfer_learning.extraction import (
     EvalCollate,
     ImageDataset,
@@ -47,7 +58,6 @@ from transfer_learning.extraction import (
     cpu_threads,
     image_loader,
     resolve_num_workers,
-    shuffled,
 )
 
 logger = logging.getLogger(__name__)
@@ -191,11 +201,20 @@ class TrainingRunSettings:
     num_workers: int | str = "auto"
     progress: bool = True
     compile: bool = False  # torch.compile the model (GPU)
+    # Gradient accumulation: a process's share of a batch runs in pieces of at most this many
+    # images (when the batch does not fit in memory); None: all at once.
+    micro_batch_size: int | None = None
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> TrainingRunSettings:
         check_known_keys(cls, params, "training", TrainingError)
-        return cls(**params)
+        settings = cls(**params)
+        if settings.micro_batch_size is not None and not _positive_int(settings.micro_batch_size):
+            raise TrainingError(
+                f"training.micro_batch_size={settings.micro_batch_size!r} must be null or an "
+                "integer ≥ 1."
+            )
+        return settings
 
 
 @dataclass(frozen=True)
@@ -345,44 +364,99 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[position], self.labels[position]
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`item`: a position, or (position, augmentation seed) as `EpochOrder` draws them.
+
+        A seeded draw is augmented the same whichever process or worker decodes it: one
+        process and N distributed ones see the same crops.
+        """
+        if isinstance(item, tuple):
+            position, seed = item
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.images[position], self.labels[position]
+        return self.images[item], self.labels[item]
+
+
+class EpochOrder(Sampler[list[tuple[int, int]]]):
+    """One process's batches of an epoch: lists of (image position, augmentation seed).
+
+    The epoch's order depends on its seed alone (a shuffle, or class-balanced draws with
+    replacement), is cut to whole global batches, and global batch k is split over the
+    processes by position (as torch's DistributedSampler interleaves): the N processes'
+    step k together hold exactly the images one process's step k holds.
+    """
+
+    def __init__(
+        self,
+        n_images: int,
+        global_batch: int,
+        epoch_seed: int,
+        context: ProcessContext,
+        draw_weights: torch.Tensor | None = None,
+    ) -> None:
+        self.n_images, self.global_batch, self.epoch_seed = n_images, global_batch, epoch_seed
+        self.rank, self.world_size = context.rank, context.world_size
+        self.draw_weights = draw_weights
+
+    def __len__(self) -> int:
+        return self.n_images // self.global_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.epoch_seed)
+        if self.draw_weights is None:
+            order = torch.randperm(self.n_images, generator=generator)
+        else:
+            order = torch.multinomial(
+                self.draw_weights, self.n_images, replacement=True, generator=generator
+            )
+        order = order.tolist()
+        for step in range(len(self)):
+            first = step * self.global_batch
+            positions = range(first + self.rank, first + self.global_batch, self.world_size)
+            yield [(order[p], self._augmentation_seed(p)) for p in positions]
+
+    def _augmentation_seed(self, position: int) -> int:
+        return (self.epoch_seed * 2**32 + position) % 2**63
 
 
 @dataclass
 class TrainingData:
-    """The augmented train set (a new loader per epoch) and the fixed val loader."""
+    """The augmented train set (a new loader per epoch) and this process's share of val."""
 
     train: Dataset
     val_loader: DataLoader
-    val_labels: torch.Tensor
+    val_labels: torch.Tensor  # all of val's labels (every process gathers all val logits)
     train_labels: torch.Tensor
-    batch_size: int
+    batch_size: int  # the global batch: the images of one optimiser step over all processes
     workers: int
     device: torch.device
     sampling: str = "uniform"
+    context: ProcessContext | None = None  # None: one process
 
     @property
     def steps_per_epoch(self) -> int:
         return max(1, len(self.train) // self.batch_size)
 
     def train_loader(self, epoch_seed: int) -> DataLoader:
-        """Shuffled by a generator seeded for this epoch alone (resume relies on it).
+        """This process's batches, drawn by `EpochOrder` from a seed for this epoch alone
+        (resume relies on it).
 
         `class_balanced`: each draw picks a class uniformly, then one of its images (with
         replacement), so an epoch of the same length sees every class about equally often.
         """
+        weights = None
         if self.sampling == "class_balanced":
             counts = torch.bincount(self.train_labels).double()
-            generator = torch.Generator().manual_seed(epoch_seed)
-            order = WeightedRandomSampler(
-                (1.0 / counts)[self.train_labels], len(self.train), generator=generator
-            )
-        else:
-            order = shuffled(self.train, epoch_seed)
-        return image_loader(
-            self.train, self.batch_size, self.workers, self.device, sampler=order, drop_last=True
+            weights = (1.0 / counts)[self.train_labels]
+        order = EpochOrder(
+            len(self.train),
+            self.batch_size,
+            epoch_seed,
+            self.context or ProcessContext(0, 1, self.device),
+            weights,
         )
+        return image_loader(self.train, None, self.workers, self.device, batch_sampler=order)
 
 
 def train_augmentation(settings: FinetuneSettings, size: int) -> v2.Compose:
@@ -400,8 +474,10 @@ def build_training_data(
     backbone: Backbone,
     settings: FinetuneSettings,
     run: TrainingRunSettings,
-    device: torch.device,
+    context: ProcessContext,
 ) -> TrainingData:
+    """The loaders of one process: its share of every training batch, its slice of val."""
+    device = context.device
     # On CPU a training step is ~30x the cost of decoding its images, so decoding in the main
     # process wastes little and saves a worker start per epoch; GPUs need the workers.
     workers = (
@@ -412,8 +488,9 @@ def build_training_data(
     size = backbone.preprocessing.image_size
     augment = train_augmentation(settings, size)
     train_labels = torch.tensor(np.asarray(images.train_labels), dtype=torch.long)
+    val_slice = contiguous_shard(len(images.val_locations), context)
     val_loader = image_loader(
-        ImageDataset(images.val_locations, min_size=size),
+        ImageDataset([images.val_locations[i] for i in val_slice], min_size=size),
         settings.batch_size,
         workers,
         device,
@@ -430,6 +507,7 @@ def build_training_data(
         workers=workers,
         device=device,
         sampling=settings.sampling,
+        context=context,
     )
 
 
@@ -496,25 +574,32 @@ def make_optimizer(
 
 @dataclass
 class Trainer:
-    """Runs the steps of an epoch and the validation pass of one model on one device."""
+    """Runs the steps of an epoch and the validation pass of one model in one process."""
 
-    model: nn.Module  # the network as called: torch.compile'd when asked
+    model: nn.Module  # the network as called in training: DDP-wrapped, torch.compile'd when asked
+    eval_model: nn.Module  # the same weights, called alone (validation is not synchronised)
     normalise: Normaliser
     criterion: TrainingLoss
-    device: torch.device
+    context: ProcessContext
     grad_clip: float | None
-    batch_size: int
+    batch_size: int  # the global batch
     progress: bool
     mix: nn.Module | None = None  # mixup / cutmix of each training batch
+    micro_batch_size: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
 
     @property
     def dtype(self) -> torch.dtype | None:
         return autocast_dtype(self.device)
 
     def train_epoch(self, loader: DataLoader, optimizer, scheduler, description: str) -> float:
-        """One pass over `loader`; returns the mean training loss."""
+        """One pass over `loader`; returns the mean training loss over all processes."""
         total, count = 0.0, 0
-        bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=self._hidden())
+        hidden = self._hidden() or not self.context.is_main
+        bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=hidden)
         with bar:
             for step, (images, targets) in enumerate(bar):
                 targets = targets.to(self.device, non_blocking=True)
@@ -524,6 +609,7 @@ class Trainer:
                 total += loss * len(targets)
                 count += len(targets)
                 bar.set_postfix(loss=f"{total / count:.4f}")
+        total, count = sum_over_ranks(self.context, [total, count])
         return total / max(count, 1)
 
     def _step(self, images, targets, optimizer, scheduler, where: str) -> float:
@@ -531,43 +617,68 @@ class Trainer:
             inputs = self.normalise(images)
             if self.mix is not None:
                 inputs, targets = self.mix(inputs, targets)  # targets become class probabilities
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                loss = self.criterion(self.model(inputs), targets)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"Non-finite loss ({loss.item()}) at {where}, learning rate "
-                    f"{optimizer.param_groups[-1]['lr']:.3g}: lower finetune.lr or set "
-                    "finetune.grad_clip."
-                )
+            # This process's part of the global batch's mean loss: DDP averages gradients over
+            # the processes, so each weighs its images by (its images × processes / batch).
+            share = len(targets) * self.context.world_size / self.batch_size
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            pieces = _micro_batches(len(targets), self.micro_batch_size)
+            total = 0.0
+            for number, piece in enumerate(pieces):
+                # Gradients are synchronised once, on the last piece (accumulation).
+                last = number == len(pieces) - 1
+                sync = (
+                    nullcontext() if last or not self.context.distributed else self.model.no_sync()
+                )
+                with sync:
+                    with torch.autocast(
+                        self.device.type, dtype=self.dtype, enabled=self.dtype is not None
+                    ):
+                        loss = self.criterion(self.model(inputs[piece]), targets[piece])
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"Non-finite loss ({loss.item()}) at {where}, learning rate "
+                            f"{optimizer.param_groups[-1]['lr']:.3g}: lower finetune.lr or set "
+                            "finetune.grad_clip."
+                        )
+                    weight = share * (piece.stop - piece.start) / len(targets)
+                    (loss * weight if weight != 1 else loss).backward()
+                total += loss.item() * (piece.stop - piece.start)
             if self.grad_clip:
                 parameters = [p for group in optimizer.param_groups for p in group["params"]]
                 nn.utils.clip_grad_norm_(parameters, self.grad_clip)
             optimizer.step()
             scheduler.step()
         except torch.cuda.OutOfMemoryError as error:
+            pieces = self.micro_batch_size or max(1, self.batch_size // self.context.world_size)
             raise TrainingError(
-                f"CUDA ran out of memory at {where} with finetune.batch_size={self.batch_size}; "
-                f"lower it (e.g. finetune.batch_size={max(1, self.batch_size // 2)})."
+                f"CUDA ran out of memory at {where} with finetune.batch_size={self.batch_size} "
+                f"({pieces} images at a time in each process); set training.micro_batch_size="
+                f"{max(1, pieces // 2)} to accumulate gradients over smaller pieces (the "
+                "recipe stays the same)."
             ) from error
-        return loss.item()
+        return total / len(targets)
 
     @torch.inference_mode()
     def validate(self, loader: DataLoader, labels: torch.Tensor) -> tuple[float, float]:
-        """(val loss with the training criterion's smoothing, val accuracy)."""
-        self.model.eval()
-        outputs = []
+        """(val loss with the training criterion's smoothing, val accuracy) over all of val:
+        each process scores its slice, the logits are gathered in order."""
+        self.eval_model.eval()
+        outputs = [torch.empty(0, len(self.criterion.logit_offset))]
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             for images in loader:
-                outputs.append(self.model(self.normalise(images)).float().cpu())
-        logits = torch.cat(outputs)
+                outputs.append(self.eval_model(self.normalise(images)).float().cpu())
+        logits = torch.cat(gather_in_rank_order(self.context, torch.cat(outputs)))
         smoothing = self.criterion.label_smoothing
         loss = float(nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing))
         return loss, float((logits.argmax(1) == labels).float().mean())
 
     def _hidden(self) -> bool | None:
         return None if self.progress else True  # None: shown on a terminal only
+
+
+def _micro_batches(n_images: int, micro_batch_size: int | None) -> list[slice]:
+    size = micro_batch_size or n_images
+    return [slice(first, min(first + size, n_images)) for first in range(0, n_images, size)]
 
 
 class TrainingLoss(nn.Module):
@@ -629,17 +740,32 @@ def build_trainer(
     recipe: FinetuneSettings,
     run: TrainingRunSettings,
     n_classes: int,
+    context: ProcessContext,
 ) -> Trainer:
+    """The trainer of `model` in this process (call `set_trainable` first: DDP synchronises
+    the parameters that require gradients when it wraps the model)."""
+    network = network_as_called(model, run, context)
     return Trainer(
-        model=torch.compile(model) if run.compile else model,
-        normalise=Normaliser(backbone.preprocessing).to(data.device),
-        criterion=training_loss(data.train_labels, n_classes, recipe).to(data.device),
-        device=data.device,
+        model=network,
+        eval_model=model if context.distributed else network,
+        normalise=Normaliser(backbone.preprocessing).to(context.device),
+        criterion=training_loss(data.train_labels, n_classes, recipe).to(context.device),
+        context=context,
         grad_clip=recipe.grad_clip,
         batch_size=recipe.batch_size,
         progress=run.progress,
         mix=batch_mixing(recipe, n_classes),
+        micro_batch_size=run.micro_batch_size,
     )
+
+
+def network_as_called(model: Classifier, run: TrainingRunSettings, context: ProcessContext):
+    """`model` wrapped for training: DDP over the processes (when several), then compiled."""
+    network: nn.Module = model
+    if context.distributed:
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        network = DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(network) if run.compile else network
 
 
 # ---- state and checkpoints -------------------------------------------------------------------
@@ -692,13 +818,15 @@ class Checkpointer:
 
     path: Path
     fingerprint: str
+    writes: bool = True  # False in processes other than rank 0: they only read
 
     def restore(self, resume: bool) -> dict[str, Any] | None:
         """The checkpoint to resume from, or None; a fresh run deletes an older run's checkpoint."""
         if not self.path.exists():
             return None
         if not resume:
-            self.path.unlink()  # a fresh run must not be resumed from an older one later
+            if self.writes:
+                self.path.unlink()  # a fresh run must not be resumed from an older one later
             return None
         checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
         if checkpoint["fingerprint"] != self.fingerprint:
@@ -709,6 +837,8 @@ class Checkpointer:
         return checkpoint
 
     def save(self, epoch: int, model, optimizer, scheduler, state: TrainingState) -> None:
+        if not self.writes:
+            return
         checkpoint = {
             "fingerprint": self.fingerprint,
             "epoch": epoch,
@@ -749,10 +879,13 @@ def train_classifier(
     seed: int,
     device: torch.device,
     run_name: str,
+    distributed: DistributedSettings = SINGLE_PROCESS,
 ) -> TrainingResult:
     """Train on train and select the best epoch on val; `run_name` keys the checkpoint folder.
 
-    Torch's global RNG and thread count are the caller's again when this returns.
+    With `distributed` over several processes, each trains on its share of every batch (DDP)
+    and this returns rank 0's result. Torch's global RNG and thread count are the caller's again
+    when this returns.
     """
     unresolved = [k for k, v in recipe.to_dict()["finetune"].items() if v == AUTO]
     if unresolved or recipe.backbone.image_size == AUTO:
@@ -760,8 +893,32 @@ def train_classifier(
             f"The recipe still has 'auto' values ({', '.join(unresolved) or 'image_size'}): "
             "resolve it from the data profile first (Recipe.resolve)."
         )
-    with isolated_randomness_and_threads(device):
-        return _epoch_loop(images, n_classes, recipe, run, seed, device, run_name)
+    if distributed.world_size > 1:
+        if distributed.world_size > recipe.finetune.batch_size:
+            raise TrainingError(
+                f"finetune.batch_size={recipe.finetune.batch_size} is smaller than the "
+                f"{distributed.world_size} processes (distributed.nnodes × nproc_per_node): "
+                "every process needs at least one image a step."
+            )
+        build_backbone(recipe.backbone, seed)  # downloads the weights once, before the workers
+    return launch(
+        distributed, device, _train_process, images, n_classes, recipe, run, seed, run_name
+    )
+
+
+def _train_process(
+    context: ProcessContext,
+    images: TrainValImages,
+    n_classes: int,
+    recipe: Recipe,
+    run: TrainingRunSettings,
+    seed: int,
+    run_name: str,
+) -> TrainingResult | None:
+    """One process's training; rank 0's result is the run's (the others return None)."""
+    with isolated_randomness_and_threads(context.device):
+        result = _epoch_loop(images, n_classes, recipe, run, seed, context, run_name)
+    return result if context.is_main else None
 
 
 @contextmanager
@@ -776,9 +933,10 @@ def isolated_randomness_and_threads(device: torch.device) -> Iterator[None]:
 
 @dataclass
 class _Session:
-    """What one training run holds while its epochs run."""
+    """What one training process holds while its epochs run."""
 
     model: Classifier
+    backbone: Backbone
     data: TrainingData
     trainer: Trainer
     checkpointer: Checkpointer
@@ -786,17 +944,23 @@ class _Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     start_epoch: int
+    context: ProcessContext
+    n_classes: int
 
 
-def _start(images, n_classes, recipe: Recipe, run, seed, device, run_name) -> _Session:
+def _start(images, n_classes, recipe: Recipe, run, seed, context, run_name) -> _Session:
     """Build model, data and trainer; restore the checkpoint when resuming."""
-    settings = recipe.finetune
+    settings, device = recipe.finetune, context.device
     model, backbone = build_classifier(recipe.backbone, n_classes, seed)
+    if context.distributed:
+        # BatchNorm statistics over the global batch, as one process would compute them.
+        model = synchronise_batchnorm(model, device)
     model = model.to(device).to(memory_format=torch.channels_last)
-    data = build_training_data(images, backbone, settings, run, device)
+    data = build_training_data(images, backbone, settings, run, context)
     checkpointer = Checkpointer(
         Path(run.checkpoint_dir) / run_name / "last.pt",
         fingerprint(recipe, n_classes, seed, images),
+        writes=context.is_main,
     )
     state = TrainingState(training_phase(settings, 0), _cpu_copy(model))
     checkpoint = checkpointer.restore(run.resume)
@@ -808,21 +972,50 @@ def _start(images, n_classes, recipe: Recipe, run, seed, device, run_name) -> _S
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-    trainer = build_trainer(model, backbone, data, settings, run, n_classes)
+    set_trainable(model, state.phase)
+    trainer = build_trainer(model, backbone, data, settings, run, n_classes, context)
     start_epoch = int(checkpoint["epoch"]) if checkpoint else 0
-    return _Session(model, data, trainer, checkpointer, state, optimizer, scheduler, start_epoch)
+    return _Session(
+        model,
+        backbone,
+        data,
+        trainer,
+        checkpointer,
+        state,
+        optimizer,
+        scheduler,
+        start_epoch,
+        context,
+        n_classes,
+    )
 
 
-def _run_epoch(session: _Session, settings: FinetuneSettings, seed: int, epoch: int, name: str):
+def _run_epoch(
+    session: _Session, recipe: Recipe, run: TrainingRunSettings, seed: int, epoch: int, name: str
+):
     """Train one epoch, validate, record it and write the checkpoint."""
+    settings = recipe.finetune
     state, data = session.state, session.data
-    if training_phase(settings, epoch) != state.phase:
-        state.phase = training_phase(settings, epoch)
+    phase = training_phase(settings, epoch)
+    set_trainable(session.model, phase)  # also back to training mode after validation
+    if phase != state.phase:
+        state.phase = phase
         session.optimizer, session.scheduler = make_optimizer(
-            session.model, settings, state.phase, data.steps_per_epoch
+            session.model, settings, phase, data.steps_per_epoch
         )
-    set_trainable(session.model, state.phase)
-    torch.manual_seed(epoch_seed(seed, epoch))  # augmentation and dropout; the RNG is forked
+        # DDP synchronises the parameters that require gradients when it wraps the model.
+        session.trainer = build_trainer(
+            session.model,
+            session.backbone,
+            data,
+            settings,
+            run,
+            session.n_classes,
+            session.context,
+        )
+    # Dropout (and mixing) draws: from (seed, epoch) and the process, which rank 0 shares with
+    # a single-process run; augmentation is seeded per image (`EpochOrder`).
+    torch.manual_seed(epoch_seed(seed, epoch) + session.context.rank * 2**32)
     description = f"{name} epoch {epoch + 1}/{settings.epochs}"
     started = time.perf_counter()
     train_loss = session.trainer.train_epoch(
@@ -852,12 +1045,12 @@ def _run_epoch(session: _Session, settings: FinetuneSettings, seed: int, epoch: 
     session.checkpointer.save(epoch + 1, session.model, session.optimizer, session.scheduler, state)
 
 
-def _epoch_loop(images, n_classes, recipe, run, seed, device, run_name) -> TrainingResult:
+def _epoch_loop(images, n_classes, recipe, run, seed, context, run_name) -> TrainingResult:
     settings = recipe.finetune
-    session = _start(images, n_classes, recipe, run, seed, device, run_name)
+    session = _start(images, n_classes, recipe, run, seed, context, run_name)
     started = time.perf_counter()
     for epoch in range(session.start_epoch, settings.epochs):
-        _run_epoch(session, settings, seed, epoch, run_name)
+        _run_epoch(session, recipe, run, seed, epoch, run_name)
         if session.state.out_of_patience(settings.patience):
             logger.info(
                 "%s: no better val accuracy for %d epochs, stopping", run_name, settings.patience

@@ -16,7 +16,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 # reduced-scale (draft) decoding beats a full-size decode.
 _DRAFT_WORTHWHILE_BYTES = 64 * 1024
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 # scikit-learn's bundled digits have no files: the index points at them by position.
 DIGITS_SCHEME = "sklearn-digits:"
@@ -81,7 +81,7 @@ def decode_image_bytes(data: bytes, min_size: int | None = None) -> torch.Tensor
     path here; everything else (large JPEGs, which `min_size` lets PIL decode at 1/2, 1/4 or 1/8
     scale, other formats, and any JPEG libjpeg-turbo refuses) goes through PIL.
     """
-    if data[:3] == _JPEG_MAGIC and (min_size is None or len(data) < _DRAFT_WORTHWHILE_BYTES):
+    if data[:3] == JPEG_MAGIC and (min_size is None or len(data) < _DRAFT_WORTHWHILE_BYTES):
         try:
             return decode_jpeg(
                 torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB

@@ -123,6 +123,7 @@ def run(source: dict, nodes: list[str] | None, keep: Path | None = None, **input
             "params:head": MemoryDataset({"grid": {"C": [0.1, 1.0]}}),
             "params:seed": MemoryDataset(0),
             "params:device": MemoryDataset("cpu"),
+            "params:distributed": MemoryDataset({}),
             **{name: MemoryDataset(value) for name, value in inputs.items()},  # over the above
         }
     )

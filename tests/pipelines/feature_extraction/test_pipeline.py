@@ -19,6 +19,7 @@ def test_extraction_pipeline_on_digits(tmp_path):
                 {"batch_size": 16, "num_workers": 0, "cache_dir": str(tmp_path), "progress": False}
             ),
             "params:device": MemoryDataset("cpu"),
+            "params:distributed": MemoryDataset({}),
             **backbone_choice_inputs(),
         }
     )
@@ -41,6 +42,7 @@ def test_auto_image_size_follows_the_data_profile(tmp_path):
             "params:backbone": MemoryDataset({"image_size": "auto"}),
             "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
             "params:device": MemoryDataset("cpu"),
+            "params:distributed": MemoryDataset({}),
             **backbone_choice_inputs(),
         }
     )

@@ -75,6 +75,7 @@ def test_feature_transfer_and_evaluation_end_to_end(tmp_path):
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 64}),
             "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
             "params:device": MemoryDataset("cpu"),
+            "params:distributed": MemoryDataset({}),
             **backbone_choice_inputs(),
             "params:head": MemoryDataset({"type": "logistic_regression"}),
             "params:seed": MemoryDataset(0),

@@ -27,6 +27,7 @@ def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
             f"params:{strategy}": MemoryDataset(overrides),
             "params:seed": MemoryDataset(3),
             "params:device": MemoryDataset("cpu"),
+            "params:distributed": MemoryDataset({}),
         }
     )
     pipeline = finetuning_pipeline(strategy)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from transfer_learning.backbone_selection import SelectionSettings, choose_backbone
 from transfer_learning.backbones import AUTO, BackboneSettings, build_backbone, resolve_image_size
+from transfer_learning.distributed import DistributedSettings
 from transfer_learning.extraction import ExtractionSettings, extract_features, resolve_device
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
@@ -57,9 +58,10 @@ def extract_image_features(
     backbone: dict[str, Any],
     extraction: dict[str, Any],
     device: str,
+    distributed: dict[str, Any],
 ) -> tuple[dict[str, np.ndarray], MlflowMetrics]:
     """Run every image of the index through the frozen backbone (`backbone`: resolved by
-    `resolve_backbone`, no `auto` left).
+    `resolve_backbone`, no `auto` left), on `distributed.*` processes.
 
     Returns arrays `features` (n, d) float32, `label`, `split` and `location` in index order,
     plus the backbone's name and (resolved) image size, and extraction metrics for MLflow.
@@ -70,6 +72,7 @@ def extract_image_features(
         image_index["location"].tolist(),
         ExtractionSettings.from_params(extraction),
         resolve_device(device),
+        DistributedSettings.from_params(distributed),
     )
     n_images = len(image_index)
     rate = n_images / result.seconds if result.seconds else 0.0

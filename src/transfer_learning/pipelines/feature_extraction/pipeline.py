@@ -25,7 +25,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=extract_image_features,
-                inputs=["image_index", "backbone", "params:extraction", "params:device"],
+                inputs=[
+                    "image_index",
+                    "backbone",
+                    "params:extraction",
+                    "params:device",
+                    "params:distributed",
+                ],
                 outputs=["image_features", "extraction_metrics"],
                 name="extract_image_features",
             ),

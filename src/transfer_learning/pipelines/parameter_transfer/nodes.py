@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from transfer_learning.distributed import DistributedSettings
 from transfer_learning.extraction import resolve_device
 from transfer_learning.finetune import (
     Recipe,
@@ -49,7 +50,7 @@ def resolve_recipe(
     return recipe
 
 
-def train_model(
+def train_model(  # noqa: PLR0913 (a training run's inputs, each a catalog entry or parameter)
     train_index: pd.DataFrame,
     val_index: pd.DataFrame,
     class_names: dict[str, list[str]],
@@ -57,9 +58,10 @@ def train_model(
     training: dict[str, Any],
     seed: int,
     device: str,
+    distributed: dict[str, Any],
     strategy: str,
 ) -> tuple[dict[str, Any], nn.Module, dict[str, Any], MlflowMetrics]:
-    """Train on train, keep the epoch with the best val accuracy.
+    """Train on train, keep the epoch with the best val accuracy (on `distributed.*` processes).
 
     Returns the best checkpoint (a versioned catalog artefact), the same model as a module (the
     MLflow PyTorch model), the training summary and the per-epoch metric histories.
@@ -74,6 +76,7 @@ def train_model(
         seed,
         resolve_device(device),
         run_name=strategy,
+        distributed=DistributedSettings.from_params(distributed),
     )
     checkpoint = {
         "state_dict": result.state_dict,

@@ -37,6 +37,7 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
                     "params:training",
                     "params:seed",
                     "params:device",
+                    "params:distributed",
                 ],
                 outputs=["model", "mlflow_model", "training_summary", "training_history"],
                 name="train_model",
@@ -49,7 +50,7 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
             ),
         ]
     )
-    shared = ("finetune", "training", "seed", "device")
+    shared = ("finetune", "training", "seed", "device", "distributed")
     return Pipeline(
         nodes,
         namespace=strategy,

@@ -1,0 +1,178 @@
+"""torch.distributed from inside a node: real worker processes (gloo on CPU), one result.
+
+Every multi-process test here starts real processes through the elastic launch API.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from transfer_learning.backbones import BackboneSettings, build_backbone
+from transfer_learning.distributed import (
+    DistributedError,
+    DistributedSettings,
+    ProcessContext,
+    contiguous_shard,
+    launch,
+)
+from transfer_learning.extraction import ExtractionSettings, extract_features
+from transfer_learning.finetune import (
+    EpochOrder,
+    FinetuneSettings,
+    Recipe,
+    TrainingError,
+    TrainingRunSettings,
+    TrainValImages,
+    build_classifier,
+    train_classifier,
+)
+from transfer_learning.image_index import DataSettings, build_image_index
+
+CPU = torch.device("cpu")
+TWO_PROCESSES = DistributedSettings(nproc_per_node=2)
+SINGLE = DistributedSettings()
+
+
+def digits(n_train: int, n_val: int) -> TrainValImages:
+    index, _, _ = build_image_index(DataSettings(), seed=0)
+    train = index[index["split"] == "train"].head(n_train)
+    val = index[index["split"] == "val"].head(n_val)
+    return TrainValImages.from_index(train, val)
+
+
+def context(rank: int, world_size: int) -> ProcessContext:
+    return ProcessContext(rank, world_size, CPU)
+
+
+# ---- settings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"nproc_per_node": 0}, "distributed.nproc_per_node=0"),
+        ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, "distributed.node_rank=2"),
+        ({"nnodes": 2}, "needs distributed.rdzv_endpoint"),
+        ({"rdzv_endpoint": "node0"}, "distributed.rdzv_endpoint='node0' must be host:port"),
+        ({"backend": "mpi"}, "distributed.backend='mpi'"),
+        ({"nprocs": 2}, "Unknown parameter(s) distributed.nprocs"),
+    ],
+)
+def test_bad_distributed_settings_name_the_parameter(params, message):
+    with pytest.raises(DistributedError) as error:
+        DistributedSettings.from_params(params)
+    assert message in str(error.value)
+
+
+def test_backend_auto_is_nccl_on_gpus_and_gloo_on_cpus():
+    settings = DistributedSettings.from_params({"nproc_per_node": 2})
+    assert (settings.backend_for("cuda"), settings.backend_for("cpu")) == ("nccl", "gloo")
+    assert settings.world_size == 2
+    assert DistributedSettings.from_params(None) == DistributedSettings()
+
+
+# ---- how work is divided (no processes needed) ----------------------------------------------
+
+
+def test_each_global_batch_is_split_over_the_processes_without_overlap():
+    for weights in (None, torch.tensor([1.0] * 50 + [5.0] * 50)):
+        one = list(EpochOrder(100, 16, 7, context(0, 1), weights))
+        shares = [list(EpochOrder(100, 16, 7, context(r, 3), weights)) for r in range(3)]
+        assert len(one) == 6  # whole global batches only: 100 // 16
+        for step, batch in enumerate(one):
+            parts = [draw for share in shares for draw in share[step]]
+            assert sorted(parts) == sorted(batch)  # same images, same augmentation seeds
+            assert [len(share[step]) for share in shares] == [6, 5, 5]
+    shuffled = list(EpochOrder(100, 16, 7, context(0, 1)))
+    assert list(EpochOrder(100, 16, 7, context(0, 1))) == shuffled  # the seed decides
+    assert list(EpochOrder(100, 16, 8, context(0, 1))) != shuffled
+
+
+def test_contiguous_shards_cover_every_item_once_on_batch_boundaries():
+    for n_items, world_size, multiple in ((10, 3, 1), (1000, 2, 64), (5, 4, 64), (0, 2, 8)):
+        shards = [contiguous_shard(n_items, context(r, world_size), multiple) for r in range(4)]
+        shards = shards[:world_size]
+        assert [i for shard in shards for i in shard] == list(range(n_items))
+        assert all(shard.start % multiple == 0 for shard in shards)
+
+
+# ---- real worker processes ---------------------------------------------------------------------
+
+
+def _rank_and_cores(context: ProcessContext, offset: int) -> tuple[int, int, int]:
+    import os
+
+    return context.rank + offset, context.world_size, len(os.sched_getaffinity(0))
+
+
+def _fail_on_rank_one(context: ProcessContext) -> None:
+    if context.rank == 1:
+        raise ValueError("image 17 is broken")
+    torch.distributed.barrier()
+
+
+def test_launch_returns_rank_zeros_result_and_reports_a_worker_failure():
+    assert launch(TWO_PROCESSES, CPU, _rank_and_cores, 10)[:2] == (10, 2)
+    assert launch(DistributedSettings(), CPU, _rank_and_cores, 10)[:2] == (10, 1)
+    with pytest.raises(
+        DistributedError,
+        match="^The distributed job failed on rank 1: ValueError: image 17 is broken$",
+    ):
+        launch(TWO_PROCESSES, CPU, _fail_on_rank_one)
+
+
+def test_two_processes_extract_the_same_features_as_one(tmp_path):
+    backbone = build_backbone(BackboneSettings(image_size=48))
+    index, _, _ = build_image_index(DataSettings(), seed=0)
+    locations = index["location"].tolist()[:300]
+    settings = ExtractionSettings(batch_size=64, cache_dir=None, progress=False)
+    one = extract_features(backbone, locations, settings, CPU).features
+    two = extract_features(backbone, locations, settings, CPU, TWO_PROCESSES).features
+    assert one.shape == two.shape == (300, backbone.feature_dim)
+    np.testing.assert_array_equal(one, two)
+
+    cached = ExtractionSettings(batch_size=64, cache_dir=str(tmp_path), progress=False)
+    written = extract_features(backbone, locations, cached, CPU, TWO_PROCESSES)
+    assert not written.cached and list(tmp_path.glob("*.npy")) == [
+        tmp_path / f"{written.cache_key}.npy"
+    ]
+    again = extract_features(backbone, locations, cached, CPU)  # one cache for any process count
+    assert again.cached
+    np.testing.assert_array_equal(again.features, one)
+
+
+def _train(images, finetune: FinetuneSettings, tmp_path, name, distributed=SINGLE):
+    return train_classifier(
+        images,
+        10,
+        Recipe(BackboneSettings(image_size=32), finetune),
+        TrainingRunSettings(checkpoint_dir=str(tmp_path), progress=False),
+        0,
+        CPU,
+        name,
+        distributed,
+    )
+
+
+@pytest.mark.slow
+def test_linear_probe_on_two_processes_equals_one_process_weight_for_weight(tmp_path):
+    images = digits(256, 64)
+    probe = FinetuneSettings(
+        mode="linear_probe", epochs=2, batch_size=64, lr=0.01, patience=None, hflip=True
+    )
+    one = _train(images, probe, tmp_path, "one")  # 1 x 64 images a step
+    two = _train(images, probe, tmp_path, "two", TWO_PROCESSES)  # 2 x 32
+    assert len(one.history) == len(two.history) == 2
+    for key, weight in one.state_dict.items():
+        assert torch.allclose(weight, two.state_dict[key], atol=1e-5, rtol=0), key
+    initial, _ = build_classifier(BackboneSettings(image_size=32), 10, seed=0)
+    moved = one.state_dict["head.weight"] - initial.head.weight.detach()
+    assert moved.abs().max() > 1e-2  # training moved the weights these two runs agree on
+
+
+def test_a_batch_smaller_than_the_process_count_is_refused(tmp_path):
+    finetune = FinetuneSettings(epochs=1, batch_size=2, patience=None, hflip=False)
+    with pytest.raises(TrainingError, match=r"finetune.batch_size=2 is smaller than the 3"):
+        _train(digits(16, 8), finetune, tmp_path, "x", DistributedSettings(nproc_per_node=3))
