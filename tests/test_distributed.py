@@ -5,6 +5,16 @@ Every multi-process test here starts real processes through the elastic launch A
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +27,7 @@ from transfer_learning.distributed import (
     contiguous_shard,
     launch,
 )
-from transfer_learning.extraction import ExtractionSettings, extract_features
+from transfer_learning.extraction import ExtractionError, ExtractionSettings, extract_features
 from transfer_learning.finetune import (
     EpochOrder,
     FinetuneSettings,
@@ -33,6 +43,9 @@ from transfer_learning.image_index import DataSettings, build_image_index
 CPU = torch.device("cpu")
 TWO_PROCESSES = DistributedSettings(nproc_per_node=2)
 SINGLE = DistributedSettings()
+PROBE = FinetuneSettings(
+    mode="linear_probe", epochs=6, batch_size=64, lr=0.01, patience=None, hflip=True
+)
 
 
 def digits(n_train: int, n_val: int) -> TrainValImages:
@@ -143,12 +156,12 @@ def test_two_processes_extract_the_same_features_as_one(tmp_path):
     np.testing.assert_array_equal(again.features, one)
 
 
-def _train(images, finetune: FinetuneSettings, tmp_path, name, distributed=SINGLE):
+def _train(images, finetune: FinetuneSettings, tmp_path, name, distributed=SINGLE, resume=False):
     return train_classifier(
         images,
         10,
         Recipe(BackboneSettings(image_size=32), finetune),
-        TrainingRunSettings(checkpoint_dir=str(tmp_path), progress=False),
+        TrainingRunSettings(checkpoint_dir=str(tmp_path), progress=False, resume=resume),
         0,
         CPU,
         name,
@@ -159,9 +172,7 @@ def _train(images, finetune: FinetuneSettings, tmp_path, name, distributed=SINGL
 @pytest.mark.slow
 def test_linear_probe_on_two_processes_equals_one_process_weight_for_weight(tmp_path):
     images = digits(256, 64)
-    probe = FinetuneSettings(
-        mode="linear_probe", epochs=2, batch_size=64, lr=0.01, patience=None, hflip=True
-    )
+    probe = replace(PROBE, epochs=2)
     one = _train(images, probe, tmp_path, "one")  # 1 x 64 images a step
     two = _train(images, probe, tmp_path, "two", TWO_PROCESSES)  # 2 x 32
     assert len(one.history) == len(two.history) == 2
@@ -176,3 +187,78 @@ def test_a_batch_smaller_than_the_process_count_is_refused(tmp_path):
     finetune = FinetuneSettings(epochs=1, batch_size=2, patience=None, hflip=False)
     with pytest.raises(TrainingError, match=r"finetune.batch_size=2 is smaller than the 3"):
         _train(digits(16, 8), finetune, tmp_path, "x", DistributedSettings(nproc_per_node=3))
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_distributed import PROBE, TWO_PROCESSES, _train, digits
+    _train(digits(256, 64), PROBE, {checkpoints!r}, "killed", TWO_PROCESSES)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_run_killed_on_two_processes_resumes_on_one_to_the_same_weights(tmp_path):
+    images = digits(256, 64)
+    reference = _train(images, PROBE, tmp_path / "reference", "killed")
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), checkpoints=str(tmp_path))
+    # A session of its own, so that the kill takes the worker processes too.
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    checkpoint = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 2:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "training ended before it was killed: " + process.stderr.read()
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 2 <= killed_at < PROBE.epochs
+
+    resumed = _train(images, PROBE, tmp_path, "killed", resume=True)  # now on one process
+    assert resumed.resumed_from_epoch == killed_at
+    assert len(resumed.history) == PROBE.epochs
+    for key, weight in reference.state_dict.items():
+        assert torch.allclose(weight, resumed.state_dict[key], atol=1e-5, rtol=0), key
+
+
+@pytest.mark.slow
+def test_a_second_node_joins_with_the_module_command_and_extracts_its_shard(tmp_path):
+    """Two "nodes" on this machine: this process is node 0 (as `kedro run` would be), a
+    `python -m transfer_learning.distributed` process is node 1."""
+    backbone = build_backbone(BackboneSettings(image_size=48))
+    index, _, _ = build_image_index(DataSettings(), seed=0)
+    locations = index["location"].tolist()[:200]
+    settings = ExtractionSettings(batch_size=32, cache_dir=str(tmp_path), progress=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{probe.getsockname()[1]}"
+    node_1 = subprocess.Popen(
+        [sys.executable, "-m", "transfer_learning.distributed", "--nnodes", "2",
+         "--node-rank", "1", "--rdzv-endpoint", endpoint, "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    two_nodes = DistributedSettings(nnodes=2, node_rank=0, rdzv_endpoint=endpoint)
+    try:
+        joint = extract_features(backbone, locations, settings, CPU, two_nodes)
+        output, _ = node_1.communicate(timeout=120)
+    finally:
+        node_1.kill()
+    assert node_1.returncode == 0, output[-3000:]
+    alone = ExtractionSettings(batch_size=32, cache_dir=None, progress=False)
+    np.testing.assert_array_equal(
+        joint.features, extract_features(backbone, locations, alone, CPU).features
+    )
+    with pytest.raises(ExtractionError, match="needs extraction.cache_dir"):
+        extract_features(backbone, locations, alone, CPU, two_nodes)

@@ -337,9 +337,9 @@ def test_parameter_transfer_on_two_processes_is_one_run_with_one_set_of_outputs(
     assert len(client.search_runs([experiment.experiment_id])) == runs_before + 1
     run = latest_run(project)
     assert run.data.params["distributed.nproc_per_node"] == "2"
-    assert run.data.metrics["parameter_transfer.best_val_accuracy"] > 0.5
     history = client.get_metric_history(run.info.run_id, "parameter_transfer.val_accuracy")
     assert [point.step for point in history] == [1, 2]
+    assert max(point.value for point in history) > 0.5
     for output in outputs:
         assert len({p.name for p in (models / output).iterdir()} - before[output]) == 1, output
     checkpoints = project / "data" / "06_models" / "checkpoints" / "parameter_transfer"

@@ -19,7 +19,6 @@ import functools
 import logging
 import os
 import socket
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,12 +33,6 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "gloo", "nccl")
 
-# Its suggested replacement has no autograd; the global-batch BatchNorm needs the gradient.
-warnings.filterwarnings(
-    "ignore",
-    message="torch.distributed.nn.functional.all_gather is deprecated",
-    category=FutureWarning,
-)
 AUTO_ENDPOINT = "auto"
 
 
@@ -331,31 +324,17 @@ def synchronise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 class GlobalBatchStatistics(nn.Module):
-    """Mixin before a BatchNorm class: in training, with several processes, the batch mean and
-    variance are those of all processes' images. Each process's per-channel mean and variance
-    (fp32, one pass each) are gathered with a differentiable all-gather and combined as
-    torch's SyncBatchNorm does, so gradients flow to every process's images."""
+    """Mixin before a BatchNorm class: in training, with several processes, BatchNorm over all
+    processes' images (`_GlobalBatchNorm`); otherwise the class's own forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_gather
-
-        channels, reduced = x.shape[1], [0, *range(2, x.ndim)]
-        variance, mean = torch.var_mean(x.float(), dim=reduced, correction=0)
-        count = torch.full((1,), x.numel() / channels, device=x.device)
-        per_process = torch.stack(all_gather(torch.cat([mean, variance, count])))
-        means, variances = per_process[:, :channels], per_process[:, channels:-1]
-        counts = per_process[:, -1:]
-        n = counts.sum()
-        mean = (counts * means).sum(0) / n
-        variance = (counts * (variances + (means - mean) ** 2)).sum(0) / n
+        weight = self.weight if self.affine else torch.ones(x.shape[1], device=x.device)
+        bias = self.bias if self.affine else torch.zeros(x.shape[1], device=x.device)
+        y, mean, variance, n = _GlobalBatchNorm.apply(x, weight, bias, self.eps)
         if self.track_running_stats:
-            self._update_running_statistics(mean.detach(), variance.detach() * n / (n - 1))
-        shape = [1, channels] + [1] * (x.ndim - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+            self._update_running_statistics(mean, variance * n / (n - 1))
         # timm's BatchNormAct2d: dropout and activation follow the normalisation.
         if hasattr(self, "act"):
             y = self.act(self.drop(y))
@@ -367,6 +346,62 @@ class GlobalBatchStatistics(nn.Module):
         factor = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(variance.to(self.running_var.dtype), factor)
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Batch normalisation whose statistics span every process's batch, with the compact
+    backward formula torch's SyncBatchNorm uses: autograd through the statistics would add up
+    large terms that cancel, and lose several digits in fp32.
+
+    Forward: each process's per-channel mean and variance (one pass each), all-gathered and
+    combined. Backward: the per-channel sums of dy and dy·x̂ are all-reduced, then
+    dx = w / σ · (dy − Σdy / N − x̂ · Σ(dy·x̂) / N).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        channels, reduced = x.shape[1], [0, *range(2, x.ndim)]
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision: in fp32
+        variance, mean = torch.var_mean(wide, dim=reduced, correction=0)
+        count = torch.full((1,), x.numel() / channels, dtype=wide.dtype, device=x.device)
+        local = torch.cat([mean, variance, count])
+        gathered = local.new_empty(dist.get_world_size() * local.numel())
+        dist.all_gather_into_tensor(gathered, local)
+        gathered = gathered.view(dist.get_world_size(), local.numel())
+        means, variances, counts = (
+            gathered[:, :channels],
+            gathered[:, channels:-1],
+            gathered[:, -1:],
+        )
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        variance = (counts * (variances + (means - mean) ** 2)).sum(0) / n
+        shape = [1, channels] + [1] * (x.ndim - 2)
+        inverse_std = torch.rsqrt(variance + eps)
+        normalised = (wide - mean.view(shape)) * inverse_std.view(shape)
+        ctx.save_for_backward(normalised, inverse_std, weight)
+        ctx.n = n
+        y = normalised * weight.view(shape) + bias.view(shape)
+        return y.to(x.dtype), mean, variance, n
+
+    @staticmethod
+    def backward(ctx, grad_y, *_):
+        normalised, inverse_std, weight = ctx.saved_tensors
+        channels, reduced = grad_y.shape[1], [0, *range(2, grad_y.ndim)]
+        shape = [1, channels] + [1] * (grad_y.ndim - 2)
+        grad = grad_y.to(normalised.dtype)
+        sum_grad = grad.sum(reduced)
+        sum_grad_normalised = (grad * normalised).sum(reduced)
+        # The parameters' gradients are this process's own: DDP averages them.
+        grad_weight, grad_bias = sum_grad_normalised.to(weight.dtype), sum_grad.to(weight.dtype)
+        sums = torch.cat([sum_grad, sum_grad_normalised])
+        dist.all_reduce(sums)
+        mean_grad, mean_grad_normalised = (sums / ctx.n).split(channels)
+        grad_x = (
+            (grad - mean_grad.view(shape) - normalised * mean_grad_normalised.view(shape))
+            * (inverse_std * weight).view(shape)
+        ).to(grad_y.dtype)
+        return grad_x, grad_weight, grad_bias, None
 
 
 @functools.cache

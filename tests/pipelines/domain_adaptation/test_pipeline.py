@@ -72,7 +72,7 @@ def source():
     index, classes, _ = build_image_index(DataSettings(), seed=0)
     index = index.iloc[::4].reset_index(drop=True)
     features, _ = extract_image_features(
-        index, BACKBONE, {"cache_dir": None, "progress": False}, "cpu"
+        index, BACKBONE, {"cache_dir": None, "progress": False}, "cpu", {}
     )
     train, val = split_features(features)
     head, _, _ = fit_head(train, val, {"grid": {"C": [0.1]}}, 0)
