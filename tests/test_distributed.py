@@ -156,12 +156,19 @@ def test_two_processes_extract_the_same_features_as_one(tmp_path):
     np.testing.assert_array_equal(again.features, one)
 
 
-def _train(images, finetune: FinetuneSettings, tmp_path, name, distributed=SINGLE, resume=False):
+def _train(  # noqa: PLR0913 (the knobs these tests turn)
+    images, finetune, tmp_path, name, distributed=SINGLE, resume=False, micro_batch_size=None
+):
     return train_classifier(
         images,
         10,
         Recipe(BackboneSettings(image_size=32), finetune),
-        TrainingRunSettings(checkpoint_dir=str(tmp_path), progress=False, resume=resume),
+        TrainingRunSettings(
+            checkpoint_dir=str(tmp_path),
+            progress=False,
+            resume=resume,
+            micro_batch_size=micro_batch_size,
+        ),
         0,
         CPU,
         name,
@@ -181,6 +188,18 @@ def test_linear_probe_on_two_processes_equals_one_process_weight_for_weight(tmp_
     initial, _ = build_classifier(BackboneSettings(image_size=32), 10, seed=0)
     moved = one.state_dict["head.weight"] - initial.head.weight.detach()
     assert moved.abs().max() > 1e-2  # training moved the weights these two runs agree on
+
+
+def test_gradient_accumulation_over_pieces_equals_the_whole_batch(tmp_path):
+    images = digits(128, 32)
+    probe = replace(PROBE, epochs=1)
+    whole = _train(images, probe, tmp_path, "whole")
+    pieces = _train(images, probe, tmp_path, "pieces", micro_batch_size=24)  # 24 + 24 + 16
+    for key, weight in whole.state_dict.items():
+        assert torch.allclose(weight, pieces.state_dict[key], atol=1e-5, rtol=0), key
+    assert whole.history[0]["train_loss"] == pytest.approx(pieces.history[0]["train_loss"])
+    with pytest.raises(TrainingError, match="training.micro_batch_size=0"):
+        TrainingRunSettings.from_params({"micro_batch_size": 0})
 
 
 def test_a_batch_smaller_than_the_process_count_is_refused(tmp_path):

@@ -300,28 +300,18 @@ def extract_features(
 
     shape = (len(locations), backbone.feature_dim)
     with _output_file(cache_file, distributed) as partial:
-        # Written straight to disk in chunks, so RAM does not grow with the number of images.
-        output = (
-            np.empty(shape, dtype=np.float32)
-            if partial is None
-            else np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
-        )
+        if partial is None:  # one process, no cache: straight into memory
+            target: np.ndarray | Path = np.empty(shape, dtype=np.float32)
+        else:
+            # On disk, written in chunks (RAM does not grow with the number of images); each
+            # process writes its rows through its own map of the file.
+            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape).flush()
+            target = partial
         start = time.perf_counter()
-        if partial is not None:
-            output.flush()
-            del output  # the processes write through their own maps of the file
-        launch(
-            distributed,
-            device,
-            _extract_shard,
-            backbone,
-            list(locations),
-            settings,
-            output if partial is None else partial,
-        )
+        launch(distributed, device, _extract_shard, backbone, list(locations), settings, target)
         seconds = time.perf_counter() - start
         if partial is None:
-            return ExtractionResult(output, seconds, False, key)
+            return ExtractionResult(target, seconds, False, key)
         if cache_file is None:
             return ExtractionResult(np.load(partial, allow_pickle=False), seconds, False, key)
         os.replace(partial, cache_file)
