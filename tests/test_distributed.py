@@ -26,6 +26,7 @@ from transfer_learning.distributed import (
     ProcessContext,
     contiguous_shard,
     launch,
+    synchronise_batchnorm,
 )
 from transfer_learning.extraction import ExtractionError, ExtractionSettings, extract_features
 from transfer_learning.finetune import (
@@ -188,6 +189,31 @@ def test_linear_probe_on_two_processes_equals_one_process_weight_for_weight(tmp_
     initial, _ = build_classifier(BackboneSettings(image_size=32), 10, seed=0)
     moved = one.state_dict["head.weight"] - initial.head.weight.detach()
     assert moved.abs().max() > 1e-2  # training moved the weights these two runs agree on
+
+
+def _one_training_step_gradients(context: ProcessContext) -> dict[str, torch.Tensor]:
+    """Gradients of one training-mode step of Lite0 (BatchNorm on batch statistics) in float64,
+    this process taking its share of 8 images."""
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 48, 48, dtype=torch.float64)
+    network, _ = build_classifier(BackboneSettings(image_size=48), 10, seed=0)
+    network = network.double().train().to(memory_format=torch.channels_last)
+    mine = images[
+        context.rank * 8 // context.world_size : (context.rank + 1) * 8 // context.world_size
+    ]
+    if context.distributed:
+        network = torch.nn.parallel.DistributedDataParallel(synchronise_batchnorm(network, CPU))
+    network(mine.contiguous(memory_format=torch.channels_last)).pow(2).sum(1).mean().backward()
+    return {name: p.grad for name, p in network.named_parameters()}
+
+
+def test_global_batchnorm_on_two_processes_gives_one_processs_gradients():
+    # float64: the two computations are the same mathematics in another order; float32 rounding
+    # (and ReLU6 masks at the kink) would blur the comparison.
+    one = launch(SINGLE, CPU, _one_training_step_gradients)
+    two = launch(TWO_PROCESSES, CPU, _one_training_step_gradients)
+    for name, gradient in one.items():
+        torch.testing.assert_close(two[f"module.{name}"], gradient, rtol=1e-9, atol=1e-11)
 
 
 def test_gradient_accumulation_over_pieces_equals_the_whole_batch(tmp_path):

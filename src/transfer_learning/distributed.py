@@ -366,7 +366,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
         count = torch.full((1,), x.numel() / channels, dtype=wide.dtype, device=x.device)
         local = torch.cat([mean, variance, count])
         gathered = local.new_empty(dist.get_world_size() * local.numel())
-        dist.all_gather_into_tensor(gathered, local)
+        dist.all_gather_single(gathered, local)
         gathered = gathered.view(dist.get_world_size(), local.numel())
         means, variances, counts = (
             gathered[:, :channels],
