@@ -2,15 +2,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_sample_images
 
 from tests.conftest import write_image
+from transfer_learning.backbones import BackboneSettings, build_backbone
+from transfer_learning.extraction import ExtractionSettings, extract_features
 from transfer_learning.images import (
     decode_image_bytes,
+    exif_orientation,
     load_rgb,
     load_rgb_tensor,
     to_rgb,
     unreadable_reason,
 )
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
@@ -115,3 +121,61 @@ def test_garbage_file_has_a_reason(tmp_path):
     assert "cannot identify image file" in unreadable_reason(str(bad))
     good = write_image(tmp_path / "fine.png", np.random.default_rng(0))
     assert unreadable_reason(str(good)) is None
+
+
+# EXIF orientation → the transpose that stores an upright photo so that a viewer applying the tag
+# shows it upright again (the inverse of what PIL's exif_transpose does).
+STORED_AS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def phone_photo(path, orientation: int) -> bytes:
+    """A real photo (scikit-learn's china.jpg) stored as a camera would: pixels transposed,
+    the EXIF tag saying how to show them upright."""
+    upright = Image.fromarray(load_sample_images().images[0])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = upright.transpose(STORED_AS[orientation]) if orientation > 1 else upright
+    stored.save(path, quality=95, exif=exif)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("min_size", [None, 100])  # torchvision's decoder; PIL's reduced-scale one
+def test_exif_orientation_is_applied_when_decoding(tmp_path, min_size):
+    upright = decode_image_bytes(phone_photo(tmp_path / "upright.jpg", 1), min_size).float()
+    for orientation in STORED_AS:
+        data = phone_photo(tmp_path / f"{orientation}.jpg", orientation)
+        assert exif_orientation(data) == orientation
+        decoded = decode_image_bytes(data, min_size).float()
+        assert decoded.shape == upright.shape, orientation
+        # Re-encoding a transposed photo moves JPEG's blocks: close, not equal (reduced-scale
+        # decoding averages them differently again).
+        assert (decoded - upright).abs().mean() < 6, orientation
+    as_stored = torch.flip(upright, dims=(-2, -1))  # orientation 3 with its tag ignored
+    assert (as_stored - upright).abs().mean() > 30
+    assert exif_orientation(b"not an image") == 1
+
+
+def test_a_rotated_phone_photo_gives_the_upright_photos_features(tmp_path):
+    backbone = build_backbone(BackboneSettings(image_size=224))
+    locations = [tmp_path / "upright.jpg", tmp_path / "portrait.jpg"]
+    phone_photo(locations[0], 1)
+    phone_photo(locations[1], 6)
+    settings = ExtractionSettings(batch_size=2, cache_dir=None, progress=False)
+    features = extract_features(backbone, [str(p) for p in locations], settings, CPU).features
+    lying = Image.open(locations[1])
+    lying.save(tmp_path / "no_tag.jpg", quality=95)  # the same pixels, the tag dropped
+    on_its_side = extract_features(backbone, [str(tmp_path / "no_tag.jpg")], settings, CPU)
+
+    def cosine(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    assert cosine(features[0], features[1]) > 0.98
+    assert cosine(features[0], on_its_side.features[0]) < cosine(features[0], features[1]) - 0.05

@@ -37,6 +37,7 @@ from transfer_learning.images import (
     DIGITS_SCHEME,
     JPEG_MAGIC,
     decode_image_bytes,
+    exif_orientation,
     load_rgb_tensor,
 )
 
@@ -427,7 +428,9 @@ class EncodedImages(Dataset):
         location = self.images.locations[position]
         if not location.startswith(DIGITS_SCHEME):
             data = Path(location).read_bytes()
-            if data[:3] == JPEG_MAGIC:
+            # nvJPEG ignores EXIF orientation: rotated photos take the CPU decoder, which
+            # applies it.
+            if data[:3] == JPEG_MAGIC and exif_orientation(data) == 1:
                 return position, torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return position, self.images[position]
 
@@ -511,7 +514,7 @@ def feature_cache_key(
     digest.update(
         repr(
             (
-                "v1",
+                "v2",  # v2: EXIF orientation applied
                 backbone.name,
                 settings.pretrained,
                 backbone.preprocessing,

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -17,6 +17,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 _DRAFT_WORTHWHILE_BYTES = 64 * 1024
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+_ORIENTATION_TAG = 0x0112
 
 # scikit-learn's bundled digits have no files: the index points at them by position.
 DIGITS_SCHEME = "sklearn-digits:"
@@ -67,7 +69,20 @@ def _decoded_rgb(image: Image.Image, min_size: int | None) -> Image.Image:
     if min_size is not None and image.format == "JPEG" and image.mode in {"RGB", "L"}:
         image.draft(image.mode, (min_size, min_size))
     image.load()  # decode now: the file closes when the caller's block ends
+    # Cameras store the pixels as the sensor read them and the upright orientation in EXIF: a
+    # portrait phone photo would otherwise reach the network lying on its side.
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when already upright
     return to_rgb(image)
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag of encoded image bytes (1, upright, when absent or unreadable);
+    from the header alone."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # no readable header: the decoder will say why
+        return 1
 
 
 def _as_tensor(image: Image.Image) -> torch.Tensor:
@@ -75,7 +90,8 @@ def _as_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def decode_image_bytes(data: bytes, min_size: int | None = None) -> torch.Tensor:
-    """Encoded image bytes → uint8 (3, H, W) RGB tensor; files and uploads decode alike.
+    """Encoded image bytes → uint8 (3, H, W) RGB tensor, upright (EXIF orientation applied);
+    files and uploads decode alike.
 
     Small JPEGs go through torchvision's libjpeg-turbo decoder, about twice as fast as PIL's
     path here; everything else (large JPEGs, which `min_size` lets PIL decode at 1/2, 1/4 or 1/8
@@ -84,7 +100,9 @@ def decode_image_bytes(data: bytes, min_size: int | None = None) -> torch.Tensor
     if data[:3] == JPEG_MAGIC and (min_size is None or len(data) < _DRAFT_WORTHWHILE_BYTES):
         try:
             return decode_jpeg(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+                torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                mode=ImageReadMode.RGB,
+                apply_exif_orientation=True,
             )
         except RuntimeError:
             pass  # CMYK, progressive oddities, …: PIL knows more formats
