@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -135,6 +136,24 @@ def unreadable_reason(path: str) -> str | None:
         with Image.open(path) as image:
             if image.width < 1 or image.height < 1:
                 return f"empty image ({image.width}x{image.height})"
+            image_format = image.format
+        end_marker = _END_MARKERS.get(image_format)
+        if end_marker is not None and end_marker not in _tail(path):
+            # A cut-off download or copy: the header is fine, the pixels stop half-way (and
+            # libjpeg-turbo would fill the rest with grey and carry on).
+            return f"truncated {image_format} file: its end-of-image marker is missing"
     except Exception as error:  # PIL raises many types for bad files; all mean the same here
         return f"{type(error).__name__}: {error}"
     return None
+
+
+# Every complete JPEG ends with EOI and every PNG with its IEND chunk; some cameras append a
+# few bytes after them, so the marker is looked for in the last 4 KiB.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+_TAIL_BYTES = 4096
+
+
+def _tail(path: str) -> bytes:
+    with open(path, "rb") as stream:
+        stream.seek(max(0, os.fstat(stream.fileno()).st_size - _TAIL_BYTES))
+        return stream.read()
