@@ -280,11 +280,6 @@ def sum_over_ranks(context: ProcessContext, values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def barrier(context: ProcessContext) -> None:
-    if context.distributed:
-        dist.barrier()
-
-
 def _collective_device(context: ProcessContext) -> torch.device:
     # NCCL reduces CUDA tensors only; gloo CPU ones.
     return context.device if dist.get_backend() == "nccl" else torch.device("cpu")

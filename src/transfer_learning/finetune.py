@@ -641,7 +641,7 @@ class Trainer:
                             "finetune.grad_clip."
                         )
                     weight = share * (piece.stop - piece.start) / len(targets)
-                    (loss * weight if weight != 1 else loss).backward()
+                    (loss * weight).backward()  # weight 1 with one process: exact
                 total += loss.item() * (piece.stop - piece.start)
             if self.grad_clip:
                 parameters = [p for group in optimizer.param_groups for p in group["params"]]
