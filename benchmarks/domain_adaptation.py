@@ -154,7 +154,7 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
         profile,
         "parameter_transfer",
     )
-    checkpoint, _, summary, _ = train_model(
+    checkpoint, summary, _ = train_model(
         train_index,
         val_index,
         class_names,

@@ -45,6 +45,7 @@ from sklearn.datasets import load_sample_images
 
 from transfer_learning.backbones import BackboneSettings
 from transfer_learning.finetune import build_classifier
+from transfer_learning.packaging import save_image_model
 from transfer_learning.serving import MAX_PIXELS_VARIABLE, ImageClassifier
 
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -193,7 +194,7 @@ def save_model(folder: Path, image_size: int) -> Path:
     model = ImageClassifier(
         "parameter_transfer", CLASSES, settings.name, image_size, network.state_dict()
     )
-    mlflow.pyfunc.save_model(str(folder / "model"), python_model=model)
+    save_image_model(model, folder / "model")
     return folder / "model"
 
 

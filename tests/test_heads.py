@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_classification
 
-from transfer_learning.heads import HeadError, HeadSettings, build_head, select_and_fit
+from transfer_learning.heads import (
+    TRUSTED_HEAD_TYPES,
+    HeadError,
+    HeadSettings,
+    build_head,
+    select_and_fit,
+)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +143,7 @@ def test_every_project_head_is_stored_by_mlflow_with_the_types_the_catalog_trust
 
     catalog = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "catalog.yml").read_text())
     trusted = catalog["feature_transfer.mlflow_model"]["save_args"]["skops_trusted_types"]
+    assert sorted(trusted) == sorted(TRUSTED_HEAD_TYPES)  # one list: the catalog repeats it
     x, y = make_classification(120, 6, n_informative=4, n_classes=3, random_state=0)
     for settings in (
         HeadSettings(type="prototype", logit_adjustment=1.0),

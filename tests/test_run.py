@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -344,6 +345,69 @@ def test_parameter_transfer_on_two_processes_is_one_run_with_one_set_of_outputs(
         assert len({p.name for p in (models / output).iterdir()} - before[output]) == 1, output
     checkpoints = project / "data" / "06_models" / "checkpoints" / "parameter_transfer"
     assert [p.name for p in checkpoints.iterdir()] == ["last.pt"]
+
+
+def started_kedro_run(project: Path, log: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(KEDRO_DISABLE_TELEMETRY="true")
+    return subprocess.Popen(
+        [sys.executable, "-m", "kedro", "run", *args],
+        cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_two_runs_started_at_once_both_finish_with_intact_outputs(default_run):
+    """Two `kedro run`s of the same pipeline at once in one project: both extract the same
+    (uncached) features into the shared cache, log to the one SQLite MLflow database and
+    register the same model name."""
+    from transfer_learning.datasets import load_arrays
+    from transfer_learning.packaging import load_image_model, local_image_classifier
+
+    project, _ = default_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("transfer_learning")
+    registered = "name='transfer_learning_feature_transfer'"
+    folders = {
+        "models": project / "data" / "06_models" / "feature_transfer" / "image_model",
+        "features": project / "data" / "04_feature" / "image_features.npz",
+        "cache": project / "data" / "04_feature" / "cache",
+    }
+    before = {name: set(folder.iterdir()) for name, folder in folders.items()}
+    runs_before = {run.info.run_id for run in client.search_runs([experiment.experiment_id])}
+    registered_before = len(client.search_model_versions(registered))
+
+    logs = [project / f"concurrent_{i}.log" for i in range(2)]
+    # An image size no earlier run used: both runs extract and write the same cache entry.
+    runs = [
+        started_kedro_run(
+            project,
+            log,
+            "--pipelines=feature_transfer",
+            "--params=backbone.image_size=40,head.type=prototype",
+        )  # fmt: skip
+        for log in logs
+    ]
+    for run, log in zip(runs, logs, strict=True):
+        assert run.wait(timeout=900) == 0, log.read_text()[-3000:]
+
+    new_runs = [
+        run
+        for run in client.search_runs([experiment.experiment_id])
+        if run.info.run_id not in runs_before
+    ]
+    assert len(new_runs) == 2 and {run.info.status for run in new_runs} == {"FINISHED"}
+    assert all(run.data.metrics["feature_transfer.accuracy"] > 0.5 for run in new_runs)
+    assert len(client.search_model_versions(registered)) == registered_before + 2
+    new = {name: sorted(set(folder.iterdir()) - before[name]) for name, folder in folders.items()}
+    assert len(new["models"]) == 2 and len(new["features"]) == 2
+    for version in new["models"]:
+        model = local_image_classifier(load_image_model(version / "image_model"))
+        assert model.predict_files(["sklearn-digits:0"])["error"].tolist() == [""]
+    first, second = (load_arrays(v / "image_features.npz")["features"] for v in new["features"])
+    np.testing.assert_array_equal(first, second)
+    assert [entry.suffix for entry in new["cache"]] == [".npy"]  # one entry, no partial files
+    np.testing.assert_array_equal(np.load(new["cache"][0]), first)
 
 
 def latest_run(project: Path):

@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.request
 
-import mlflow.pyfunc
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,6 +21,7 @@ from sklearn.datasets import load_sample_images
 
 from transfer_learning.backbones import BackboneSettings
 from transfer_learning.finetune import build_classifier
+from transfer_learning.packaging import save_image_model
 from transfer_learning.serving import MAX_PIXELS_VARIABLE, ImageClassifier
 
 # A real server process: start-up takes seconds.
@@ -50,7 +50,7 @@ def server(tmp_path_factory):
     settings = BackboneSettings(image_size=32)
     network, _ = build_classifier(settings, len(CLASSES), seed=0)
     model = ImageClassifier("parameter_transfer", CLASSES, settings.name, 32, network.state_dict())
-    mlflow.pyfunc.save_model(str(folder / "model"), python_model=model)
+    save_image_model(model, folder / "model")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env[MAX_PIXELS_VARIABLE] = str(SERVER_MAX_PIXELS)

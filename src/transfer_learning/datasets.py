@@ -171,10 +171,94 @@ class TableDataset(_VersionedFile):
         )
 
 
+class HeadDataset(_VersionedFile):
+    """A fitted scikit-learn head as a versioned skops file: it loads with scikit-learn's and the
+    project's types only, so a replaced file cannot run code (see `packaging.load_head`)."""
+
+    def load(self) -> Any:
+        from transfer_learning.packaging import load_head
+
+        return load_head(Path(self._get_load_path()))
+
+    def save(self, data: Any) -> None:
+        from transfer_learning.packaging import save_head
+
+        with tempfile.TemporaryDirectory() as scratch:
+            written = Path(scratch) / "head.skops"
+            save_head(data, written)
+            content = written.read_bytes()
+        write_atomically(Path(self._get_save_path()), lambda stream: stream.write(content))
+
+
+class ImageModelDataset(_VersionedFile):
+    """A deployable `ImageClassifier` as a versioned MLflow pyfunc folder
+    (`<filepath>/<version>/<name>`), packaged so that loading it runs no pickle (see
+    `transfer_learning.packaging`). Loads as MLflow's PyFuncModel, like `mlflow.pyfunc.load_model`.
+
+    `code_paths`: source folders copied into the model (the project's package, for a model served
+    where the project is not installed).
+    """
+
+    def __init__(
+        self,
+        filepath: str,
+        code_paths: list[str] | None = None,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(filepath, version, metadata)
+        self.code_paths = code_paths
+
+    def load(self) -> Any:
+        from transfer_learning.packaging import load_image_model
+
+        return load_image_model(Path(self._get_load_path()).resolve())
+
+    def save(self, data: Any) -> None:
+        from transfer_learning.packaging import local_image_classifier, save_image_model
+
+        save_image_model(
+            local_image_classifier(data), Path(self._get_save_path()).resolve(), self.code_paths
+        )
+
+
+class RegisteredImageModelDataset(AbstractDataset):
+    """Logs a deployable `ImageClassifier` to the active MLflow run as `name`, packaged as
+    `ImageModelDataset` packages it, and registers it as `registered_model_name` (write only)."""
+
+    def __init__(
+        self,
+        name: str,
+        registered_model_name: str | None = None,
+        code_paths: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.name, self.registered_model_name = name, registered_model_name
+        self.code_paths = code_paths
+        self.metadata = metadata
+
+    def load(self) -> Any:
+        raise DatasetError("Registered models are read from the MLflow model registry.")
+
+    def save(self, data: Any) -> None:
+        import mlflow
+
+        from transfer_learning.packaging import local_image_classifier, log_image_model
+
+        if mlflow.active_run() is None:
+            return  # tracking is off for this run
+        log_image_model(
+            local_image_classifier(data), self.name, self.registered_model_name, self.code_paths
+        )
+
+    def _describe(self) -> dict[str, Any]:
+        return {"name": self.name, "registered_model_name": self.registered_model_name}
+
+
 class ImageModelsDataset(_VersionedFile):
     """Several deployable image models (a dict name → `ImageClassifier`), each saved where and
-    as a strategy's `image_model` is — `<folder>/<name>/image_model/<version>/image_model`, an
-    MLflow pyfunc model — all under this dataset's version, so `predict.strategy=<name>` and
+    as a strategy's `image_model` is — `<folder>/<name>/image_model/<version>/image_model` —
+    all under this dataset's version, so `predict.strategy=<name>` and
     `--load-versions=predict_model:<version>` find them like any strategy's model.
 
     `filepath` is the versioned JSON list of the names a version holds; loading gives the models
@@ -185,25 +269,17 @@ class ImageModelsDataset(_VersionedFile):
         self,
         filepath: str,
         folder: str,
-        save_args: dict[str, Any] | None = None,
+        code_paths: list[str] | None = None,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(filepath, version, metadata)
         self.folder = folder
-        self.save_args = save_args or {}
+        self.code_paths = code_paths
 
-    def _model_dataset(self, name: str, version: Version):
-        from kedro_mlflow.io.models import MlflowModelLocalFileSystemDataset
-
-        # Absolute: MLflow turns a model's folder into a file URI (the catalog's own entries
-        # get the same treatment from kedro-mlflow).
-        return MlflowModelLocalFileSystemDataset(
-            filepath=str(Path(self.folder).resolve() / name / "image_model"),
-            flavor="mlflow.pyfunc",
-            pyfunc_workflow="python_model",
-            save_args=self.save_args,
-            version=version,
+    def _model_dataset(self, name: str, version: Version) -> ImageModelDataset:
+        return ImageModelDataset(
+            str(Path(self.folder) / name / "image_model"), self.code_paths, version
         )
 
     def load(self) -> dict[str, Any]:
@@ -231,28 +307,21 @@ class RegisteredImageModelsDataset(AbstractDataset):
     def __init__(
         self,
         prefix: str,
-        save_args: dict[str, Any] | None = None,
+        code_paths: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self.prefix = prefix
-        self.save_args = save_args or {}
+        self.code_paths = code_paths
         self.metadata = metadata
 
     def load(self) -> dict[str, Any]:
         raise DatasetError("Registered models are read from the MLflow model registry.")
 
     def save(self, data: dict[str, Any]) -> None:
-        import mlflow
-
-        if mlflow.active_run() is None:
-            return
         for name, model in data.items():
-            mlflow.pyfunc.log_model(
-                name=f"{name}_image_model",
-                python_model=model,
-                registered_model_name=f"{self.prefix}{name}",
-                **self.save_args,
-            )
+            RegisteredImageModelDataset(
+                f"{name}_image_model", f"{self.prefix}{name}", self.code_paths
+            ).save(model)
 
     def _describe(self) -> dict[str, Any]:
         return {"prefix": self.prefix}

@@ -311,11 +311,6 @@ def build_classifier(
     return Classifier(backbone.features, head), backbone
 
 
-def classifier_from_checkpoint(checkpoint: Mapping[str, Any]) -> Classifier:
-    """Rebuild a trained classifier from its checkpoint, with no download: every weight is in it."""
-    return network_from_checkpoint(checkpoint)[0]
-
-
 def network_from_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[Classifier, Backbone]:
     """The trained classifier (in eval mode) and its backbone's description (preprocessing)."""
     settings = BackboneSettings(

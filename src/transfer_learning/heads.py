@@ -117,6 +117,13 @@ class PriorAdjusted(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(features).argmax(axis=1)]
 
 
+# The project's own estimator types: with scikit-learn's, the only types a stored head may hold
+# (skops refuses every other type on load; the catalog's MLflow copy lists the same two).
+TRUSTED_HEAD_TYPES = (
+    "transfer_learning.heads.PrototypeClassifier",
+    "transfer_learning.heads.PriorAdjusted",
+)
+
 _HEADS = {
     "logistic_regression": (_logistic_regression, {"C": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}),
     "linear_svm": (_linear_svm, {"estimator__C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}),

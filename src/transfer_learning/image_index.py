@@ -21,6 +21,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from transfer_learning.config import check_known_keys
+from transfer_learning.duplicates import ON_DUPLICATE
 from transfer_learning.images import (
     DIGITS_SCHEME,
     IMAGE_EXTENSIONS,
@@ -59,6 +60,9 @@ class DataSettings:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     on_corrupt: str = "error"
+    on_duplicate: str = (
+        "warn"  # test images duplicating train/val ones: warn | drop_from_test | error
+    )
     download_dir: str = "data/01_raw/torchvision"
     target_path: str | None = None  # domain_adaptation: images of the domain to adapt to
     target_test_fraction: float = 0.5  # of labelled target images, held out for evaluation
@@ -101,6 +105,10 @@ class DataSettings:
             )
         if self.on_corrupt not in ("error", "skip"):
             raise DataSourceError(f"data.on_corrupt={self.on_corrupt!r} must be 'error' or 'skip'.")
+        if self.on_duplicate not in ON_DUPLICATE:
+            raise DataSourceError(
+                f"data.on_duplicate={self.on_duplicate!r} must be one of {', '.join(ON_DUPLICATE)}."
+            )
 
 
 def build_image_index(

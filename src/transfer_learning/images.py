@@ -26,7 +26,7 @@ DIGITS_SCHEME = "sklearn-digits:"
 
 
 @lru_cache(maxsize=1)
-def _digits_pixels() -> np.ndarray:
+def digits_pixels() -> np.ndarray:
     from sklearn.datasets import load_digits
 
     # 0..16 grey levels → 0..255 so that they look like any other 8-bit image.
@@ -60,7 +60,7 @@ def load_rgb(location: str, min_size: int | None = None) -> Image.Image:
     below `min_size` on its shorter side): far less work for photos bound for a small network.
     """
     if location.startswith(DIGITS_SCHEME):
-        pixels = _digits_pixels()[int(location[len(DIGITS_SCHEME) :])]
+        pixels = digits_pixels()[int(location[len(DIGITS_SCHEME) :])]
         return Image.fromarray(pixels).convert("RGB")
     with Image.open(location) as image:
         return _decoded_rgb(image, min_size)
@@ -122,7 +122,7 @@ def load_rgb_tensor(location: str, min_size: int | None = None) -> torch.Tensor:
 def image_size_of(location: str) -> tuple[int, int]:
     """(width, height) of the image at `location`, from its header alone."""
     if location.startswith(DIGITS_SCHEME):
-        return _digits_pixels().shape[2], _digits_pixels().shape[1]
+        return digits_pixels().shape[2], digits_pixels().shape[1]
     with Image.open(location) as image:
         return image.size
 

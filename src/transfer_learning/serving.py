@@ -256,10 +256,3 @@ def probability_matrix(predictions: pd.DataFrame) -> np.ndarray:
     (NaN where a row failed)."""
     columns = [c for c in predictions.columns if c.startswith(PROBABILITY_PREFIX)]
     return predictions[columns].astype(np.float64).to_numpy()
-
-
-def local_image_classifier(image_model: Any) -> ImageClassifier:
-    """The ImageClassifier itself, also when it comes wrapped in MLflow's PyFuncModel (as the
-    catalog loads it): its trusted `predict_files` is not part of the pyfunc interface."""
-    unwrap = getattr(image_model, "unwrap_python_model", None)
-    return unwrap() if unwrap is not None else image_model

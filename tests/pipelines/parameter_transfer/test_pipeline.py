@@ -34,11 +34,7 @@ def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
     if evaluate:
         pipeline += evaluation_for(strategy, register=False)
     outputs = SequentialRunner().run(pipeline, catalog)
-    return {
-        name: dataset.load()
-        for name, dataset in outputs.items()
-        if not name.endswith("mlflow_model")
-    }
+    return {name: dataset.load() for name, dataset in outputs.items()}
 
 
 def test_same_seed_same_metrics_on_cpu(tmp_path):

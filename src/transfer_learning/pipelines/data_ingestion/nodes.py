@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from transfer_learning.duplicates import apply_duplicate_policy, find_duplicates
 from transfer_learning.image_index import DataSettings, build_image_index, profile_images
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
@@ -15,14 +16,20 @@ logger = logging.getLogger(__name__)
 
 def index_images(
     data: dict[str, Any], seed: int
-) -> tuple[pd.DataFrame, dict[str, list[str]], pd.DataFrame, dict[str, Any], MlflowMetrics]:
-    """Index the images of `data.source` and split them into train/val/test.
+) -> tuple[
+    pd.DataFrame, dict[str, list[str]], pd.DataFrame, pd.DataFrame, dict[str, Any], MlflowMetrics
+]:
+    """Index the images of `data.source`, split them into train/val/test and check the test
+    split for duplicates of train/val images (`data.on_duplicate`).
 
     Returns the image index, the class names by label id, the files left out as unreadable,
-    the data profile that `auto` settings follow, and the split sizes (logged to MLflow).
+    the test images found to duplicate train/val ones, the data profile that `auto` settings
+    follow, and the split sizes (logged to MLflow).
     """
     settings = DataSettings.from_params(data)
     index, classes, skipped = build_image_index(settings, seed)
+    duplicates = find_duplicates(index)
+    index = apply_duplicate_policy(index, duplicates, settings.on_duplicate)
     profile = profile_images(index, settings, seed)
     logger.info("Data profile (what auto settings follow): %s", profile)
     sizes = index["split"].value_counts()
@@ -35,5 +42,6 @@ def index_images(
     counts = {f"n_{split}": float(sizes.get(split, 0)) for split in ("train", "val", "test")}
     counts["n_classes"] = float(len(classes))
     counts["n_skipped"] = float(len(skipped))
+    counts["n_test_duplicates"] = float(len(duplicates))
     counts["typical_short_side"] = float(profile["typical_short_side"])
-    return index, {"classes": classes}, skipped, profile, mlflow_metrics(counts)
+    return index, {"classes": classes}, skipped, duplicates, profile, mlflow_metrics(counts)

@@ -15,6 +15,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "image_index",
                     "class_names",
                     "skipped_images",
+                    "duplicates",
                     "data_profile",
                     "ingestion_metrics",
                 ],

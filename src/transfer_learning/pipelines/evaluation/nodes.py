@@ -14,11 +14,8 @@ from transfer_learning.evaluation import (
     evaluate_predictions,
     reliability_figure,
 )
-from transfer_learning.serving import (
-    ImageClassifier,
-    local_image_classifier,
-    probability_matrix,
-)
+from transfer_learning.packaging import local_image_classifier
+from transfer_learning.serving import ImageClassifier, probability_matrix
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import pandas as pd
-from torch import nn
 
 from transfer_learning.distributed import DistributedSettings
 from transfer_learning.extraction import resolve_device
@@ -14,7 +13,6 @@ from transfer_learning.finetune import (
     Recipe,
     TrainingRunSettings,
     TrainValImages,
-    classifier_from_checkpoint,
     train_classifier,
 )
 from transfer_learning.serving import ImageClassifier
@@ -60,11 +58,11 @@ def train_model(  # noqa: PLR0913 (a training run's inputs, each a catalog entry
     device: str,
     distributed: dict[str, Any],
     strategy: str,
-) -> tuple[dict[str, Any], nn.Module, dict[str, Any], MlflowMetrics]:
+) -> tuple[dict[str, Any], dict[str, Any], MlflowMetrics]:
     """Train on train, keep the epoch with the best val accuracy (on `distributed.*` processes).
 
-    Returns the best checkpoint (a versioned catalog artefact), the same model as a module (the
-    MLflow PyTorch model), the training summary and the per-epoch metric histories.
+    Returns the best checkpoint (weights and plain values: a versioned catalog artefact), the
+    training summary and the per-epoch metric histories.
     """
     n_classes = len(class_names["classes"])
     images = TrainValImages.from_index(train_index, val_index)
@@ -107,7 +105,7 @@ def train_model(  # noqa: PLR0913 (a training run's inputs, each a catalog entry
         name: [{"value": float(row[name]), "step": int(row["epoch"])} for row in result.history]
         for name in HISTORY_METRICS
     }
-    return checkpoint, classifier_from_checkpoint(checkpoint), summary, history
+    return checkpoint, summary, history
 
 
 def package_image_model(

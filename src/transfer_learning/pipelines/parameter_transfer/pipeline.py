@@ -39,7 +39,7 @@ def finetuning_pipeline(strategy: str) -> Pipeline:
                     "params:device",
                     "params:distributed",
                 ],
-                outputs=["model", "mlflow_model", "training_summary", "training_history"],
+                outputs=["model", "training_summary", "training_history"],
                 name="train_model",
             ),
             Node(

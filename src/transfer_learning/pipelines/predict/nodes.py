@@ -12,7 +12,7 @@ import pandas as pd
 
 from transfer_learning.config import require_known_keys
 from transfer_learning.images import IMAGE_EXTENSIONS
-from transfer_learning.serving import local_image_classifier
+from transfer_learning.packaging import local_image_classifier
 
 logger = logging.getLogger(__name__)
 
