@@ -106,11 +106,16 @@ def _hashed(location: str) -> tuple[str, np.ndarray, int]:
     return digest, np.asarray(grey), short_side
 
 
-def perceptual_hashes(grey: np.ndarray) -> np.ndarray:
-    """pHash of each (32, 32) greyscale image of `grey` (N, 32, 32), as uint64."""
-    low = dctn(grey.astype(np.float64), type=2, axes=(1, 2))[:, :8, :8].reshape(len(grey), 64)
-    bits = low > np.median(low, axis=1, keepdims=True)
-    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+def perceptual_hashes(grey: np.ndarray, block: int = 4096) -> np.ndarray:
+    """pHash of each (32, 32) greyscale image of `grey` (N, 32, 32), as uint64 (in blocks:
+    the DCT's float64 copies of 60,000 images would take gigabytes)."""
+    hashes = np.empty(len(grey), dtype=np.uint64)
+    for start in range(0, len(grey), block):
+        part = grey[start : start + block].astype(np.float64)
+        low = dctn(part, type=2, axes=(1, 2))[:, :8, :8].reshape(len(part), 64)
+        bits = low > np.median(low, axis=1, keepdims=True)
+        hashes[start : start + block] = np.packbits(bits, axis=1).view(">u8").ravel()
+    return hashes
 
 
 def candidate_pairs(

@@ -32,7 +32,8 @@ from transfer_learning.images import (
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-SOURCES = ("digits", "imagefolder", "torchvision")
+SOURCES = ("digits", "imagefolder", "torchvision", "manifest")
+MANIFEST_FORMATS = (".csv", ".parquet")
 OFFLINE_ALTERNATIVES = (
     "Offline, use data.source=imagefolder with data.path=<folder of class sub-folders>, "
     "or the bundled data.source=digits."
@@ -56,13 +57,17 @@ class DataSettings:
 
     source: str = "digits"
     path: str | None = None
+    # source: manifest — a CSV or parquet table of image paths and labels.
+    manifest: str | None = None
+    path_column: str = "path"  # relative paths resolve against the manifest's folder
+    label_columns: Sequence[str] | str = ("label",)
+    split_column: str | None = None  # train / val / test per row; otherwise a seeded split
     name: str | None = None
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     on_corrupt: str = "error"
-    on_duplicate: str = (
-        "warn"  # test images duplicating train/val ones: warn | drop_from_test | error
-    )
+    # Test images duplicating train/val ones: warn | drop_from_test | error.
+    on_duplicate: str = "warn"
     download_dir: str = "data/01_raw/torchvision"
     target_path: str | None = None  # domain_adaptation: images of the domain to adapt to
     target_test_fraction: float = 0.5  # of labelled target images, held out for evaluation
@@ -86,6 +91,11 @@ class DataSettings:
             raise DataSourceError(
                 "data.source=imagefolder needs data.path, e.g. "
                 '--params="data.source=imagefolder,data.path=/path/to/images".'
+            )
+        if self.source == "manifest" and not self.manifest:
+            raise DataSourceError(
+                "data.source=manifest needs data.manifest, the CSV or parquet table of image "
+                'paths and labels, e.g. --params="data.source=manifest,data.manifest=labels.csv".'
             )
         if self.source == "torchvision" and not self.name:
             raise DataSourceError(
@@ -118,6 +128,10 @@ def build_image_index(
     if settings.source == "digits":
         frame, classes = _index_digits()
         skipped = pd.DataFrame(columns=SKIPPED_COLUMNS)
+    elif settings.source == "manifest":
+        frame, classes = index_manifest(settings)
+        frame, skipped = _drop_unreadable(frame, settings.on_corrupt)
+        _require_images_per_class(frame, classes, Path(settings.manifest))
     else:
         root = (
             Path(settings.path)
@@ -256,6 +270,131 @@ def _index_digits() -> tuple[pd.DataFrame, list[str]]:
         }
     )
     return frame, [str(digit) for digit in range(10)]
+
+
+def index_manifest(settings: DataSettings) -> tuple[pd.DataFrame, list[str]]:
+    """The image index of a manifest table: one row per image, its label, optionally its split.
+
+    Rows without a label are left out (logged); every other problem is an error that names the
+    manifest, the column and the rows (as numbered in a spreadsheet: the header is row 1).
+    """
+    manifest = Path(settings.manifest)
+    table = _read_manifest(manifest)
+    label_column = _manifest_label_column(manifest, table, settings)
+    rows = pd.Series(np.arange(len(table)) + 2, index=table.index)  # spreadsheet row numbers
+    paths = table[settings.path_column]
+    _refuse_rows(manifest, rows[paths.isna()], f"have no {settings.path_column!r}")
+    folder = manifest.resolve().parent
+    table = table.assign(
+        location=[os.path.normpath(os.path.join(folder, path)) for path in paths.astype(str)]
+    )  # absolute paths stay as they are
+    _refuse_rows(
+        manifest,
+        rows[table["location"].duplicated(keep=False)],
+        f"name the same image ({settings.path_column!r}) more than once",
+    )
+    labels = table[label_column]
+    unlabelled = labels.isna()
+    if unlabelled.any():
+        logger.warning(
+            "%s: %d row(s) without a %r label are left out (rows %s)",
+            manifest,
+            int(unlabelled.sum()),
+            label_column,
+            _row_list(rows[unlabelled]),
+        )
+    table, rows = table[~unlabelled], rows[~unlabelled]
+    class_names = table[label_column].astype(str).str.strip()
+    classes = sorted(class_names.unique())
+    if len(classes) < 2:
+        raise DataSourceError(
+            f"{manifest}: column {label_column!r} (data.label_columns) has "
+            f"{'one class, ' + repr(classes[0]) if classes else 'no labels'}; classification "
+            "needs at least two."
+        )
+    split = _manifest_splits(manifest, table, rows, settings.split_column)
+    label_of = {name: label for label, name in enumerate(classes)}
+    frame = pd.DataFrame(
+        {
+            "location": table["location"].to_numpy(),
+            "label": class_names.map(label_of).astype(np.int64).to_numpy(),
+            "class_name": class_names.to_numpy(),
+            "split": split.to_numpy(dtype=object) if split is not None else None,
+        }
+    )
+    return frame, classes
+
+
+def _manifest_label_column(manifest: Path, table: pd.DataFrame, settings: DataSettings) -> str:
+    """The one label column, once every configured column is known to exist."""
+    label_columns = (
+        [settings.label_columns]
+        if isinstance(settings.label_columns, str)
+        else list(settings.label_columns)
+    )
+    if len(label_columns) != 1:
+        raise DataSourceError(
+            f"data.label_columns={label_columns!r}: one label column is supported so far; "
+            "several (multi-task) are not yet."
+        )
+    wanted = {"data.path_column": settings.path_column, "data.label_columns": label_columns[0]}
+    if settings.split_column:
+        wanted["data.split_column"] = settings.split_column
+    missing = {key: column for key, column in wanted.items() if column not in table.columns}
+    if missing:
+        raise DataSourceError(
+            f"{manifest} has no column "
+            + ", ".join(f"{column!r} ({key})" for key, column in missing.items())
+            + f"; its columns are {', '.join(map(repr, table.columns))}."
+        )
+    return label_columns[0]
+
+
+def _manifest_splits(
+    manifest: Path, table: pd.DataFrame, rows: pd.Series, split_column: str | None
+) -> pd.Series | None:
+    """The given split of every row (train / val / test), or None to draw one."""
+    if not split_column:
+        return None
+    split = table[split_column].astype("string").str.strip().str.lower()
+    unknown = ~split.isin(SPLITS) | split.isna()
+    _refuse_rows(
+        manifest,
+        rows[unknown],
+        f"have a {split_column!r} (data.split_column) other than {', '.join(SPLITS)}: "
+        f"{sorted(set(table[split_column][unknown].astype(str)))}",
+    )
+    if not (split == "train").any():
+        raise DataSourceError(
+            f"{manifest}: no row has {split_column!r} = train; training needs some."
+        )
+    return split
+
+
+def _read_manifest(manifest: Path) -> pd.DataFrame:
+    if manifest.suffix.lower() not in MANIFEST_FORMATS:
+        raise DataSourceError(f"data.manifest={str(manifest)!r} must be a .csv or .parquet file.")
+    if not manifest.is_file():
+        raise DataSourceError(f"data.manifest={str(manifest)!r} does not exist.")
+    try:
+        if manifest.suffix.lower() == ".csv":
+            # Text as given: labels such as "01" or "1.0" keep their spelling.
+            return pd.read_csv(manifest, dtype=str, skipinitialspace=True)
+        return pd.read_parquet(manifest)
+    except Exception as error:  # parser errors of either format
+        raise DataSourceError(
+            f"data.manifest={str(manifest)!r} cannot be read as a table: {error}"
+        ) from error
+
+
+def _refuse_rows(manifest: Path, rows: pd.Series, problem: str) -> None:
+    if len(rows):
+        raise DataSourceError(f"{manifest}: rows {_row_list(rows)} {problem}.")
+
+
+def _row_list(rows: pd.Series, shown: int = 20) -> str:
+    listed = ", ".join(str(row) for row in rows.head(shown))
+    return listed + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
 def _class_folders(folder: Path) -> list[Path]:
