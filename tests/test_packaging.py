@@ -19,7 +19,7 @@ from sklearn.datasets import load_sample_images, make_classification
 from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.datasets import HeadDataset, ImageModelDataset
 from transfer_learning.heads import HeadSettings, select_and_fit
-from transfer_learning.packaging import ModelFileError, local_image_classifier, save_head
+from transfer_learning.packaging import ModelFileError, head_bytes, local_image_classifier
 from transfer_learning.serving import ImageClassifier
 
 CLASSES = ["china", "flower"]
@@ -174,5 +174,7 @@ def test_the_stored_head_round_trips_and_a_tampered_one_is_refused(tmp_path):
 def test_a_head_no_load_would_trust_is_refused_when_saved(tmp_path):
     head = ForeignClassifier().fit(np.zeros((4, 2)), [0, 1, 0, 1])
     with pytest.raises(ModelFileError, match="ForeignClassifier.*scikit-learn classifier"):
-        save_head(head, tmp_path / "head.skops")
-    assert not (tmp_path / "head.skops").exists()
+        head_bytes(head)
+    with pytest.raises(DatasetError, match="ForeignClassifier"):
+        HeadDataset(str(tmp_path / "head.skops"), Version(None, "v1")).save(head)
+    assert not list(tmp_path.rglob("*.skops"))

@@ -181,12 +181,9 @@ class HeadDataset(_VersionedFile):
         return load_head(Path(self._get_load_path()))
 
     def save(self, data: Any) -> None:
-        from transfer_learning.packaging import save_head
+        from transfer_learning.packaging import head_bytes
 
-        with tempfile.TemporaryDirectory() as scratch:
-            written = Path(scratch) / "head.skops"
-            save_head(data, written)
-            content = written.read_bytes()
+        content = head_bytes(data)
         write_atomically(Path(self._get_save_path()), lambda stream: stream.write(content))
 
 

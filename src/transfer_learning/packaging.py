@@ -81,7 +81,7 @@ def write_model_files(model: ImageClassifier, folder: Path) -> dict[str, str]:
     torch.save(model.network_state, artifacts["network"])
     if model.head is not None:
         artifacts["head"] = folder / "head.skops"
-        save_head(model.head, artifacts["head"])
+        artifacts["head"].write_bytes(head_bytes(model.head))
     return {name: str(path) for name, path in artifacts.items()}
 
 
@@ -120,28 +120,28 @@ def read_model_files(artifacts: Mapping[str, str]) -> ImageClassifier:
         raise ModelFileError(f"{spec_file} lacks {error}. {_REPACKAGE}") from error
 
 
-def save_head(head: Any, path: Path) -> None:
-    """A fitted scikit-learn head as a skops file, refused now (not on load) if it holds types
+def head_bytes(head: Any) -> bytes:
+    """A fitted scikit-learn head as skops bytes, refused now (not on load) if it holds types
     no load would trust, e.g. a head.type from another library."""
     import skops.io
 
-    path.write_bytes(skops.io.dumps(head))
-    untrusted = _untrusted_types(path)
+    data = skops.io.dumps(head)
+    untrusted = sorted(set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_HEAD_TYPES))
     if untrusted:
-        path.unlink()
         raise ModelFileError(
             f"The head holds types that skops does not trust and this project does not list "
             f"({', '.join(untrusted)}): it could not be loaded safely. Use a scikit-learn "
             "classifier as head.type."
         )
+    return data
 
 
 def load_head(path: Path) -> Any:
-    """A head written by `save_head`: scikit-learn's and the project's types only."""
+    """A head written from `head_bytes`: scikit-learn's and the project's types only."""
     import skops.io
 
     try:
-        untrusted = _untrusted_types(path)
+        untrusted = sorted(set(skops.io.get_untrusted_types(file=path)) - set(TRUSTED_HEAD_TYPES))
     except Exception as error:  # not a skops file at all (zip, schema and JSON errors)
         raise ModelFileError(
             f"{path} is not a skops head file ({type(error).__name__}: {error}). {_REPACKAGE}"
@@ -153,13 +153,6 @@ def load_head(path: Path) -> Any:
             f"since; it was not loaded. {_REPACKAGE}"
         )
     return skops.io.load(path, trusted=list(TRUSTED_HEAD_TYPES))
-
-
-def _untrusted_types(path: Path) -> list[str]:
-    import skops.io
-
-    found = skops.io.get_untrusted_types(file=path)
-    return sorted(set(found) - set(TRUSTED_HEAD_TYPES))
 
 
 def save_image_model(
