@@ -47,13 +47,18 @@ def copy_project(target: Path) -> Path:
     return target
 
 
-def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
+def kedro_environment() -> dict[str, str]:
+    """This environment without MLflow settings (the project's own apply), telemetry off."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(KEDRO_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    return env
+
+
+def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "kedro", "run", *args],
         cwd=project,
-        env=env,
+        env=kedro_environment(),
         capture_output=True,
         text=True,
         timeout=900,
@@ -348,11 +353,9 @@ def test_parameter_transfer_on_two_processes_is_one_run_with_one_set_of_outputs(
 
 
 def started_kedro_run(project: Path, log: Path, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(KEDRO_DISABLE_TELEMETRY="true")
     return subprocess.Popen(
         [sys.executable, "-m", "kedro", "run", *args],
-        cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        cwd=project, env=kedro_environment(), stdout=log.open("w"), stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
 

@@ -29,7 +29,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 from scipy.fft import dctn
 
-from transfer_learning.images import DIGITS_SCHEME, digits_pixels
+from transfer_learning.images import DIGITS_SCHEME, digit_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _hash_one(location: str) -> tuple[str, np.ndarray, int]:
 
 def _hashed(location: str) -> tuple[str, np.ndarray, int]:
     if location.startswith(DIGITS_SCHEME):
-        pixels = digits_pixels()[int(location[len(DIGITS_SCHEME) :])]
+        pixels = digit_pixels(location)
         image = Image.fromarray(pixels)
         short_side = min(pixels.shape)
         digest = hashlib.sha256(pixels.tobytes()).hexdigest()

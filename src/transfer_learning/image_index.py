@@ -128,19 +128,19 @@ def build_image_index(
     if settings.source == "digits":
         frame, classes = _index_digits()
         skipped = pd.DataFrame(columns=SKIPPED_COLUMNS)
-    elif settings.source == "manifest":
-        frame, classes = index_manifest(settings)
-        frame, skipped = _drop_unreadable(frame, settings.on_corrupt)
-        _require_images_per_class(frame, classes, Path(settings.manifest))
     else:
-        root = (
-            Path(settings.path)
-            if settings.source == "imagefolder"
-            else export_torchvision_dataset(settings.name, Path(settings.download_dir))
-        )
-        frame, classes = _scan_image_folder(root)
+        if settings.source == "manifest":
+            origin = Path(settings.manifest)
+            frame, classes = index_manifest(settings)
+        else:
+            origin = (
+                Path(settings.path)
+                if settings.source == "imagefolder"
+                else export_torchvision_dataset(settings.name, Path(settings.download_dir))
+            )
+            frame, classes = _scan_image_folder(origin)
         frame, skipped = _drop_unreadable(frame, settings.on_corrupt)
-        _require_images_per_class(frame, classes, root)
+        _require_images_per_class(frame, classes, origin)
     frame = assign_splits(frame, settings.val_fraction, settings.test_fraction, seed)
     if settings.imbalance_ratio is not None:
         frame = long_tailed(frame, settings.imbalance_ratio, seed)

@@ -26,11 +26,16 @@ DIGITS_SCHEME = "sklearn-digits:"
 
 
 @lru_cache(maxsize=1)
-def digits_pixels() -> np.ndarray:
+def _digits_pixels() -> np.ndarray:
     from sklearn.datasets import load_digits
 
     # 0..16 grey levels → 0..255 so that they look like any other 8-bit image.
     return np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+
+
+def digit_pixels(location: str) -> np.ndarray:
+    """The (8, 8) uint8 pixels a `sklearn-digits:<i>` location points at."""
+    return _digits_pixels()[int(location[len(DIGITS_SCHEME) :])]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -60,8 +65,7 @@ def load_rgb(location: str, min_size: int | None = None) -> Image.Image:
     below `min_size` on its shorter side): far less work for photos bound for a small network.
     """
     if location.startswith(DIGITS_SCHEME):
-        pixels = digits_pixels()[int(location[len(DIGITS_SCHEME) :])]
-        return Image.fromarray(pixels).convert("RGB")
+        return Image.fromarray(digit_pixels(location)).convert("RGB")
     with Image.open(location) as image:
         return _decoded_rgb(image, min_size)
 
@@ -122,7 +126,8 @@ def load_rgb_tensor(location: str, min_size: int | None = None) -> torch.Tensor:
 def image_size_of(location: str) -> tuple[int, int]:
     """(width, height) of the image at `location`, from its header alone."""
     if location.startswith(DIGITS_SCHEME):
-        return digits_pixels().shape[2], digits_pixels().shape[1]
+        height, width = digit_pixels(location).shape
+        return width, height
     with Image.open(location) as image:
         return image.size
 
