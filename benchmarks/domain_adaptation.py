@@ -145,7 +145,9 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
         index, backbone, params["extraction"], device, params["distributed"]
     )
     train_features, val_features = split_features(features)
-    head, _, head_summary = fit_head(train_features, val_features, params["head"], seed)
+    head, _, head_summary = fit_head(
+        train_features, val_features, {"classes": classes}, params["head"], seed
+    )
     train_index, val_index = split_train_val(index)
     recipe = resolve_recipe(
         backbone,

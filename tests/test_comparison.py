@@ -11,6 +11,7 @@ from transfer_learning.comparison import (
     comparison_markdown,
     comparison_table,
     recall_table,
+    task_table,
 )
 
 
@@ -84,3 +85,34 @@ def test_the_chart_has_a_bar_per_strategy_in_its_colour():
         ]
     accuracy = [bar.get_height() for bar in figure.axes[0].patches]
     assert accuracy == [0.90, 0.955, 0.93, 0.80]
+
+
+def test_every_task_of_a_multi_task_run_gets_a_row_per_strategy():
+    tasks = {
+        "category": {
+            "accuracy": 0.91,
+            "balanced_accuracy": 0.9,
+            "macro_f1": 0.89,
+            "ece": 0.03,
+            "n_test": 50,
+        },
+        "colour": {
+            "accuracy": 0.75,
+            "balanced_accuracy": 0.7,
+            "macro_f1": 0.72,
+            "ece": 0.08,
+            "n_test": 41,
+        },
+    }
+    reports = [report("feature_transfer", 0.91, tasks=tasks), report("parameter_transfer", 0.93)]
+    table = task_table(reports)
+    assert table[["strategy", "task"]].values.tolist() == [
+        ["feature_transfer", "category"],
+        ["feature_transfer", "colour"],
+    ]
+    markdown = comparison_markdown(comparison_table(reports), tasks=table)
+    assert "| feature_transfer | colour | 0.7500 | 0.7000 | 0.7200 | 0.0800 | 41 |" in markdown
+    # Single-task reports add no task section.
+    assert "Every task" not in comparison_markdown(
+        comparison_table(REPORTS), tasks=task_table(REPORTS)
+    )

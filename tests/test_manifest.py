@@ -145,8 +145,9 @@ def test_manifest_settings_are_checked(params, message):
         index_of(**params)
 
 
-def test_several_label_columns_are_refused_until_multi_task_lands(folder, tmp_path):
+def test_a_second_label_column_with_one_class_is_refused_naming_it(folder, tmp_path):
     manifest_of(folder, tmp_path / "labels.csv")
     params = manifest_params(tmp_path / "labels.csv", label_columns=["species", "photographer"])
-    with pytest.raises(DataSourceError, match="one label column is supported so far"):
+    message = r"column 'photographer' \(data.label_columns\) has one class, 'someone'"
+    with pytest.raises(DataSourceError, match=message):
         index_of(**params)

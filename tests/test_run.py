@@ -324,6 +324,75 @@ for strategy in {STRATEGY_NAMES!r}:
         assert float(served_accuracy[strategy]) == pytest.approx(metrics["accuracy"], abs=1e-12)
 
 
+@pytest.fixture(scope="module")
+def two_task_run(tmp_path_factory):
+    """`kedro run` on a manifest with two label columns, set in conf/local as a user would."""
+    from tests.test_multi_task import write_digits_manifest
+
+    project = copy_project(tmp_path_factory.mktemp("two_tasks"))
+    images = project / "data" / "01_raw" / "digits"
+    images.mkdir()
+    table = write_digits_manifest(images, n_images=300)
+    (project / "conf" / "local" / "parameters.yml").write_text(
+        "data:\n  source: manifest\n  manifest: data/01_raw/digits/labels.csv\n"
+        "  label_columns: [digit, parity]\n"
+    )
+    completed = kedro(project, "--params=finetune.epochs=3,structure_transfer.finetune.epochs=3")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return project, images, table
+
+
+def test_a_two_task_run_evaluates_and_compares_every_task(two_task_run):
+    project, _, _ = two_task_run
+    reports = project / "data" / "08_reporting"
+    comparison = (reports / "comparison.md").read_text()
+    for strategy in STRATEGY_NAMES:
+        metrics = json.loads((reports / f"{strategy}_metrics.json").read_text())
+        assert list(metrics["tasks"]) == ["digit", "parity"], strategy
+        assert metrics["accuracy"] == metrics["tasks"]["digit"]["accuracy"]
+        for task in ("digit", "parity"):
+            accuracy = metrics["tasks"][task]["accuracy"]
+            assert f"| {strategy} | {task} | {accuracy:.4f} |" in comparison
+        per_class = pd.read_csv(reports / f"{strategy}_per_class.csv")
+        assert per_class["task"].value_counts().to_dict() == {"digit": 10, "parity": 2}
+    feature_transfer = json.loads((reports / "feature_transfer_metrics.json").read_text())
+    assert feature_transfer["tasks"]["parity"]["accuracy"] > 0.8
+
+
+def test_a_two_task_model_predicts_every_task(two_task_run):
+    project, images, table = two_task_run
+    completed = kedro(
+        project,
+        "--pipelines=predict",
+        f"--params=predict.path={images},predict.strategy=feature_transfer",
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    predictions = pd.read_csv(project / "data" / "07_model_output" / "predictions.csv")
+    assert ["predicted_digit", "probability_digit_0"] == list(predictions.columns[1:3])
+    assert "predicted_parity" in predictions and "probability_parity_odd" in predictions
+    truth = table.set_index("path")["parity"].reindex(predictions["path"].str[-8:]).to_numpy()
+    known = pd.notna(truth)
+    assert (predictions["predicted_parity"].to_numpy()[known] == truth[known]).mean() > 0.8
+
+
+def test_a_two_task_registered_model_serves_every_task(two_task_run, tmp_path):
+    project, images, _ = two_task_run
+    script = f"""
+import base64, mlflow, pandas as pd
+mlflow.set_tracking_uri("sqlite:///{project / "mlflow.db"}")
+model = mlflow.pyfunc.load_model("models:/transfer_learning_parameter_transfer/1")
+image = base64.b64encode(open("{images / "0001.png"}", "rb").read()).decode()
+print(",".join(model.predict(pd.DataFrame({{"image": [image]}})).columns))
+"""
+    served = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    columns = served.stdout.strip().splitlines()[-1].split(",")
+    assert columns[0] == "predicted_digit" and columns[11] == "predicted_parity"
+    assert columns[-2:] == ["error", "error_message"]
+
+
 def test_parameter_transfer_on_two_processes_is_one_run_with_one_set_of_outputs(default_run):
     project, _ = default_run
     models = project / "data" / "06_models" / "parameter_transfer"

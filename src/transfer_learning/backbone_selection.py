@@ -38,6 +38,7 @@ from transfer_learning.backbones import (
 from transfer_learning.config import check_known_keys
 from transfer_learning.extraction import ExtractionSettings, extract_features
 from transfer_learning.heads import HeadSettings, select_and_fit
+from transfer_learning.tasks import MISSING
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +164,13 @@ def selection_images(
     image_index: pd.DataFrame, max_images: int | None, seed: int
 ) -> tuple[pd.DataFrame, str]:
     """The train+val rows the ranking uses (a stratified sample of at most `max_images`), and
-    a fingerprint of them that says whether a saved ranking belongs to these images."""
-    rows = image_index[image_index["split"].isin(["train", "val"])]
+    a fingerprint of them that says whether a saved ranking belongs to these images.
+
+    With several label columns the ranking follows the first task: its labelled images.
+    """
+    rows = image_index[
+        image_index["split"].isin(["train", "val"]) & (image_index["label"] != MISSING)
+    ]
     if rows.empty:
         raise SelectionError("The image index has no train or val images to rank backbones on.")
     if max_images is not None and len(rows) > max_images:

@@ -47,8 +47,22 @@ def recall_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame({report["strategy"]: report.get("recall", {}) for report in reports})
 
 
+def task_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """With several label columns: one row per (strategy, task) with the task's test metrics
+    (empty for single-task reports)."""
+    rows = [
+        {"strategy": report["strategy"], "task": task, **values}
+        for report in reports
+        for task, values in report.get("tasks", {}).items()
+    ]
+    return pd.DataFrame(rows)
+
+
 def comparison_markdown(
-    table: pd.DataFrame, controls: Sequence[Control] = (), recall: pd.DataFrame | None = None
+    table: pd.DataFrame,
+    controls: Sequence[Control] = (),
+    recall: pd.DataFrame | None = None,
+    tasks: pd.DataFrame | None = None,
 ) -> str:
     header = (
         "| strategy | accuracy | balanced accuracy | macro-F1 | ECE | train time (s) "
@@ -78,6 +92,19 @@ def comparison_markdown(
                 f"{control.shows[:1].upper()}{control.shows[1:]}: {control.treated} − "
                 f"{control.control} = {gap * 100:+.1f} accuracy points."
             )
+    if tasks is not None and not tasks.empty:
+        lines += [
+            "",
+            "## Every task (test; the table above is the first task's)",
+            "",
+            "| strategy | task | accuracy | balanced accuracy | macro-F1 | ECE | test images |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *(
+                f"| {r.strategy} | {r.task} | {r.accuracy:.4f} | {r.balanced_accuracy:.4f} "
+                f"| {r.macro_f1:.4f} | {r.ece:.4f} | {int(r.n_test)} |"
+                for r in tasks.itertuples()
+            ),
+        ]
     if recall is not None and not recall.empty:
         lines += [
             "",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -107,9 +108,25 @@ def evaluate_predictions(
 
 
 def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
-    size = max(4.0, 0.45 * len(class_names) + 2)
-    figure = Figure(figsize=(size + 1, size))
-    axes = figure.subplots()
+    return confusion_matrices_figure({title: (matrix, class_names)})
+
+
+def confusion_matrices_figure(
+    matrices: Mapping[str, tuple[np.ndarray, Sequence[str]]],
+) -> Figure:
+    """One confusion-matrix panel per title (with several tasks: one per task), side by side."""
+    sizes = [max(4.0, 0.45 * len(names) + 2) for _, names in matrices.values()]
+    figure = Figure(figsize=(sum(size + 1 for size in sizes), max(sizes)))
+    panels = np.atleast_1d(figure.subplots(1, len(matrices), width_ratios=sizes))
+    for axes, (title, (matrix, class_names)) in zip(panels, matrices.items(), strict=True):
+        _confusion_panel(figure, axes, matrix, class_names, title)
+    figure.tight_layout()
+    return figure
+
+
+def _confusion_panel(
+    figure: Figure, axes: Any, matrix: np.ndarray, class_names: Sequence[str], title: str
+) -> None:
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     image = axes.imshow(shown, cmap="Blues", vmin=0, vmax=1)
     ticks = np.arange(len(class_names))
@@ -130,8 +147,6 @@ def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str], titl
                 color="white" if shown[row, column] > 0.5 else "black",
             )
     figure.colorbar(image, ax=axes, label="share of true class")
-    figure.tight_layout()
-    return figure
 
 
 def reliability_figure(reliability: pd.DataFrame, ece: float, title: str) -> Figure:

@@ -59,12 +59,14 @@ from transfer_learning.extraction import (
     image_loader,
     resolve_num_workers,
 )
+from transfer_learning.tasks import MISSING, Tasks
 
 logger = logging.getLogger(__name__)
 
 MODES = ("linear_probe", "full", "lp_ft")
 LOSSES = ("cross_entropy", "logit_adjusted", "balanced_softmax")
 SAMPLINGS = ("uniform", "class_balanced")
+TASK_WEIGHTS = ("equal", "uncertainty")
 # `epochs: auto` bounds: every image is seen a few times; tiny sets do not loop for ever.
 MIN_AUTO_EPOCHS = 3
 MAX_AUTO_EPOCHS = 60
@@ -106,6 +108,9 @@ class FinetuneSettings:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool | str = AUTO  # auto: when the data source is mirror-symmetric (photos)
     patience: int | str | None = AUTO  # early stopping: epochs without a better val accuracy
+    # Several label columns: each task's loss weighs 1 (equal), or exp(-s) with a learned log
+    # variance s per task (uncertainty, Kendall et al. 2018).
+    task_weights: str = "equal"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], block: str = "finetune") -> FinetuneSettings:
@@ -130,6 +135,7 @@ class FinetuneSettings:
             "mixup": _non_negative(settings.mixup),
             "cutmix": _non_negative(settings.cutmix),
             "layer_decay": settings.layer_decay is None or 0 < settings.layer_decay <= 1,
+            "task_weights": settings.task_weights in TASK_WEIGHTS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -264,7 +270,11 @@ class Recipe:
 
 @dataclass(frozen=True)
 class TrainValImages:
-    """Where the train and val images are and their labels; test images never come here."""
+    """Where the train and val images are and their labels; test images never come here.
+
+    Labels are one id per image, or with several tasks one column per task (`tasks.MISSING`
+    where an image has no label for a task).
+    """
 
     train_locations: Sequence[str]
     train_labels: np.ndarray
@@ -272,14 +282,16 @@ class TrainValImages:
     val_labels: np.ndarray
 
     @classmethod
-    def from_index(cls, train: pd.DataFrame, val: pd.DataFrame) -> TrainValImages:
-        """From image-index rows (`location`, `label`) of the train and val splits."""
-        return cls(
-            train["location"].tolist(),
-            train["label"].to_numpy(),
-            val["location"].tolist(),
-            val["label"].to_numpy(),
-        )
+    def from_index(
+        cls, train: pd.DataFrame, val: pd.DataFrame, tasks: Tasks | None = None
+    ) -> TrainValImages:
+        """From image-index rows (`location`, `label`, and each task's `label:<task>` when
+        `tasks` has several) of the train and val splits."""
+        if tasks is not None and tasks.multi:
+            labels = tasks.label_matrix(train), tasks.label_matrix(val)
+        else:
+            labels = train["label"].to_numpy(), val["label"].to_numpy()
+        return cls(train["location"].tolist(), labels[0], val["location"].tolist(), labels[1])
 
 
 # ---- the network -----------------------------------------------------------------------------
@@ -300,7 +312,8 @@ class Classifier(nn.Module):
 def build_classifier(
     backbone_settings: BackboneSettings, n_classes: int, seed: int
 ) -> tuple[Classifier, Backbone]:
-    """The registry's backbone (pretrained or random) with a fresh head for `n_classes`.
+    """The registry's backbone (pretrained or random) with a fresh head for `n_classes` (with
+    several tasks: every task's classes side by side, `task_sizes` splits the outputs).
 
     The head's initial weights come from `seed` inside a forked RNG: the global one is untouched.
     """
@@ -543,10 +556,20 @@ def _phase_epochs(settings: FinetuneSettings, phase: str) -> int:
 
 
 def make_optimizer(
-    model: Classifier, settings: FinetuneSettings, phase: str, steps_per_epoch: int
+    model: Classifier,
+    settings: FinetuneSettings,
+    phase: str,
+    steps_per_epoch: int,
+    criterion: nn.Module | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimiser for `phase` and its schedule: linear warm-up, then cosine decay to zero."""
+    """The optimiser for `phase` and its schedule: linear warm-up, then cosine decay to zero.
+
+    The criterion's own parameters (learned task weights) learn at the head's rate, undecayed.
+    """
     groups = parameter_groups(model, settings, phase)
+    learned = [p for p in criterion.parameters()] if criterion is not None else []
+    if learned:
+        groups.append({"params": learned, "lr": groups[-1]["lr"], "weight_decay": 0.0})
     for group in groups:
         group["initial_lr"] = group["lr"]
     if settings.optimizer == "sgd":
@@ -639,6 +662,12 @@ class Trainer:
                     weight = share * (piece.stop - piece.start) / len(targets)
                     (loss * weight).backward()  # weight 1 with one process: exact
                 total += loss.item() * (piece.stop - piece.start)
+            if self.context.distributed:
+                # The learned task weights live outside the DDP module: average them as DDP does.
+                for parameter in self.criterion.parameters():
+                    if parameter.grad is not None:
+                        torch.distributed.all_reduce(parameter.grad)
+                        parameter.grad /= self.context.world_size
             if self.grad_clip:
                 parameters = [p for group in optimizer.param_groups for p in group["params"]]
                 nn.utils.clip_grad_norm_(parameters, self.grad_clip)
@@ -655,18 +684,37 @@ class Trainer:
         return total / len(targets)
 
     @torch.inference_mode()
-    def validate(self, loader: DataLoader, labels: torch.Tensor) -> tuple[float, float]:
-        """(val loss with the training criterion's smoothing, val accuracy) over all of val:
-        each process scores its slice, the logits are gathered in order."""
+    def validate(self, loader: DataLoader, labels: torch.Tensor) -> tuple[float, list[float]]:
+        """(val loss with the training criterion's smoothing, val accuracy of every task) over
+        all of val: each process scores its slice, the logits are gathered in order.
+
+        With several tasks, each task's loss and accuracy are over the images with its label,
+        and the loss is their mean.
+        """
         self.eval_model.eval()
-        outputs = [torch.empty(0, len(self.criterion.logit_offset))]
+        sizes = self.criterion.task_sizes
+        outputs = [torch.empty(0, sum(sizes))]
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             for images in loader:
                 outputs.append(self.eval_model(self.normalise(images)).float().cpu())
         logits = torch.cat(gather_in_rank_order(self.context, torch.cat(outputs)))
         smoothing = self.criterion.label_smoothing
-        loss = float(nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing))
-        return loss, float((logits.argmax(1) == labels).float().mean())
+        labels = labels.reshape(len(labels), -1)
+        losses, accuracies = [], []
+        for task, part in enumerate(logits.split(sizes, 1)):
+            labelled = labels[:, task] != MISSING
+            if not labelled.any():  # a given val split may lack a task: it cannot select
+                losses.append(float("nan"))
+                accuracies.append(float("nan"))
+                continue
+            target = labels[labelled, task]
+            losses.append(
+                float(
+                    nn.functional.cross_entropy(part[labelled], target, label_smoothing=smoothing)
+                )
+            )
+            accuracies.append(float((part[labelled].argmax(1) == target).float().mean()))
+        return float(np.nanmean(losses)), accuracies
 
     def _hidden(self) -> bool | None:
         return None if self.progress else True  # None: shown on a terminal only
@@ -693,6 +741,10 @@ class TrainingLoss(nn.Module):
         self.register_buffer("weight", weight)
         self.label_smoothing = label_smoothing
 
+    @property
+    def task_sizes(self) -> list[int]:
+        return [len(self.logit_offset)]
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(
             logits.float() + self.logit_offset,
@@ -702,10 +754,78 @@ class TrainingLoss(nn.Module):
         )
 
 
+class MultiTaskLoss(nn.Module):
+    """Several tasks on one network: each task's `TrainingLoss` on its slice of the logits, over
+    the images with its label, summed with weight 1 (equal) or learned weights (uncertainty).
+
+    A task's term is its mean over the labelled images of the batch × (labelled in the batch) /
+    (batch × share of training images labelled): the mean over the batch of per-image losses
+    where an image without the label adds 0, rescaled to the task's usual size. Being a per-image
+    mean, it splits over processes and micro-batches exactly as a single task's loss does, and a
+    batch without any label of a task adds 0 instead of NaN.
+
+    `uncertainty` (Kendall et al. 2018): Σ exp(-s_t)·L_t + s_t/2 with a learned log variance s_t
+    per task, so a noisier or harder task weighs less; the weights exp(-s_t) are reported.
+    """
+
+    def __init__(
+        self, losses: Sequence[TrainingLoss], labelled_share: torch.Tensor, uncertainty: bool
+    ) -> None:
+        super().__init__()
+        self.losses = nn.ModuleList(losses)
+        self.register_buffer("labelled_share", labelled_share)
+        self.log_variance = nn.Parameter(torch.zeros(len(losses))) if uncertainty else None
+        self.label_smoothing = losses[0].label_smoothing
+
+    @property
+    def task_sizes(self) -> list[int]:
+        return [len(loss.logit_offset) for loss in self.losses]
+
+    def task_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        terms = []
+        parts = logits.split(self.task_sizes, 1)
+        for task, (loss, part) in enumerate(zip(self.losses, parts, strict=True)):
+            labelled = targets[:, task] != MISSING
+            if not labelled.any():
+                terms.append(part.float().sum() * 0.0)  # in the graph, adds nothing
+                continue
+            mean = loss(part[labelled], targets[labelled, task])
+            terms.append(mean * labelled.sum() / (len(targets) * self.labelled_share[task]))
+        return torch.stack(terms)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        terms = self.task_losses(logits, targets)
+        if self.log_variance is None:
+            return terms.sum()
+        return (torch.exp(-self.log_variance) * terms + self.log_variance / 2).sum()
+
+    def task_weights(self) -> list[float]:
+        """The weight of each task's loss: 1, or the learned exp(-s_t)."""
+        if self.log_variance is None:
+            return [1.0] * len(self.losses)
+        return torch.exp(-self.log_variance.detach()).cpu().tolist()
+
+
 def class_prior(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Training-set class frequencies (a class without images counts as one)."""
     counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).float()
     return counts / counts.sum()
+
+
+def training_criterion(
+    labels: torch.Tensor, n_classes: int | Mapping[str, int], recipe: FinetuneSettings
+) -> TrainingLoss | MultiTaskLoss:
+    """The loss of one task, or of several (`n_classes`: task → classes; `labels` one column
+    per task): each task's own loss (its class prior, weights) on the images with its label."""
+    if not isinstance(n_classes, Mapping):
+        return training_loss(labels, n_classes, recipe)
+    labels = labels.reshape(len(labels), -1)
+    losses, shares = [], []
+    for task, size in enumerate(n_classes.values()):
+        labelled = labels[:, task] != MISSING
+        losses.append(training_loss(labels[labelled, task], size, recipe))
+        shares.append(max(float(labelled.float().mean()), 1e-12))
+    return MultiTaskLoss(losses, torch.tensor(shares), recipe.task_weights == "uncertainty")
 
 
 def training_loss(labels: torch.Tensor, n_classes: int, recipe: FinetuneSettings) -> TrainingLoss:
@@ -735,22 +855,24 @@ def build_trainer(
     data: TrainingData,
     recipe: FinetuneSettings,
     run: TrainingRunSettings,
-    n_classes: int,
+    n_classes: int | Mapping[str, int],
     context: ProcessContext,
+    criterion: TrainingLoss | MultiTaskLoss,
 ) -> Trainer:
     """The trainer of `model` in this process (call `set_trainable` first: DDP synchronises
-    the parameters that require gradients when it wraps the model)."""
+    the parameters that require gradients when it wraps the model). `criterion`: the training
+    loss, which may carry parameters (learned task weights) and persists across phases."""
     network = network_as_called(model, run, context)
     return Trainer(
         model=network,
         eval_model=model if context.distributed else network,
         normalise=Normaliser(backbone.preprocessing).to(context.device),
-        criterion=training_loss(data.train_labels, n_classes, recipe).to(context.device),
+        criterion=criterion.to(context.device),
         context=context,
         grad_clip=recipe.grad_clip,
         batch_size=recipe.batch_size,
         progress=run.progress,
-        mix=batch_mixing(recipe, n_classes),
+        mix=None if isinstance(n_classes, Mapping) else batch_mixing(recipe, n_classes),
         micro_batch_size=run.micro_batch_size,
     )
 
@@ -832,13 +954,16 @@ class Checkpointer:
             )
         return checkpoint
 
-    def save(self, epoch: int, model, optimizer, scheduler, state: TrainingState) -> None:
+    def save(  # noqa: PLR0913 (everything a resume restores)
+        self, epoch: int, model, criterion, optimizer, scheduler, state: TrainingState
+    ) -> None:
         if not self.writes:
             return
         checkpoint = {
             "fingerprint": self.fingerprint,
             "epoch": epoch,
             "model": model.state_dict(),
+            "criterion": criterion.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "state": asdict(state),
@@ -860,6 +985,7 @@ class TrainingResult:
     images_per_second: float
     resumed_from_epoch: int = 0
     stopped_early: bool = False
+    task_weights: list[float] | None = None  # several tasks: each task's loss weight at the end
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -869,7 +995,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def train_classifier(
     images: TrainValImages,
-    n_classes: int,
+    n_classes: int | Mapping[str, int],
     recipe: Recipe,
     run: TrainingRunSettings,
     seed: int,
@@ -878,6 +1004,10 @@ def train_classifier(
     distributed: DistributedSettings = SINGLE_PROCESS,
 ) -> TrainingResult:
     """Train on train and select the best epoch on val; `run_name` keys the checkpoint folder.
+
+    `n_classes`: the number of classes, or with several label columns task → its classes (the
+    labels then have one column per task): one shared network, one head per task, and the best
+    epoch is the one with the best mean of the tasks' val accuracies.
 
     With `distributed` over several processes, each trains on its share of every batch (DDP)
     and this returns rank 0's result. Torch's global RNG and thread count are the caller's again
@@ -889,6 +1019,8 @@ def train_classifier(
             f"The recipe still has 'auto' values ({', '.join(unresolved) or 'image_size'}): "
             "resolve it from the data profile first (Recipe.resolve)."
         )
+    if isinstance(n_classes, Mapping):
+        _require_multi_task_recipe(recipe.finetune, list(n_classes))
     if distributed.world_size > 1:
         if distributed.world_size > recipe.finetune.batch_size:
             raise TrainingError(
@@ -900,6 +1032,22 @@ def train_classifier(
     return launch(
         distributed, device, _train_process, images, n_classes, recipe, run, seed, run_name
     )
+
+
+def _require_multi_task_recipe(settings: FinetuneSettings, tasks: list[str]) -> None:
+    """Mixing and class-balanced draws act on one labelling: refused with several tasks."""
+    single_task_only = {
+        "mixup": settings.mixup > 0,
+        "cutmix": settings.cutmix > 0,
+        "sampling": settings.sampling != "uniform",
+    }
+    for key, used in single_task_only.items():
+        if used:
+            raise TrainingError(
+                f"finetune.{key}={getattr(settings, key)!r} works on one label column; with "
+                f"several (data.label_columns={tasks}) set it back to its default, or train "
+                "one task at a time."
+            )
 
 
 def _train_process(
@@ -934,6 +1082,7 @@ class _Session:
     model: Classifier
     backbone: Backbone
     data: TrainingData
+    criterion: TrainingLoss | MultiTaskLoss
     trainer: Trainer
     checkpointer: Checkpointer
     state: TrainingState
@@ -941,18 +1090,20 @@ class _Session:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     start_epoch: int
     context: ProcessContext
-    n_classes: int
+    n_classes: int | Mapping[str, int]
 
 
 def _start(images, n_classes, recipe: Recipe, run, seed, context, run_name) -> _Session:
     """Build model, data and trainer; restore the checkpoint when resuming."""
     settings, device = recipe.finetune, context.device
-    model, backbone = build_classifier(recipe.backbone, n_classes, seed)
+    n_outputs = sum(n_classes.values()) if isinstance(n_classes, Mapping) else n_classes
+    model, backbone = build_classifier(recipe.backbone, n_outputs, seed)
     if context.distributed:
         # BatchNorm statistics over the global batch, as one process would compute them.
         model = synchronise_batchnorm(model, device)
     model = model.to(device).to(memory_format=torch.channels_last)
     data = build_training_data(images, backbone, settings, run, context)
+    criterion = training_criterion(data.train_labels, n_classes, settings).to(device)
     checkpointer = Checkpointer(
         Path(run.checkpoint_dir) / run_name / "last.pt",
         fingerprint(recipe, n_classes, seed, images),
@@ -962,19 +1113,23 @@ def _start(images, n_classes, recipe: Recipe, run, seed, context, run_name) -> _
     checkpoint = checkpointer.restore(run.resume)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        criterion.load_state_dict(checkpoint.get("criterion", criterion.state_dict()))
         state = TrainingState(**checkpoint["state"])
         logger.info("Resuming %s after epoch %d", run_name, checkpoint["epoch"])
-    optimizer, scheduler = make_optimizer(model, settings, state.phase, data.steps_per_epoch)
+    optimizer, scheduler = make_optimizer(
+        model, settings, state.phase, data.steps_per_epoch, criterion
+    )
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
     set_trainable(model, state.phase)
-    trainer = build_trainer(model, backbone, data, settings, run, n_classes, context)
+    trainer = build_trainer(model, backbone, data, settings, run, n_classes, context, criterion)
     start_epoch = int(checkpoint["epoch"]) if checkpoint else 0
     return _Session(
         model,
         backbone,
         data,
+        criterion,
         trainer,
         checkpointer,
         state,
@@ -997,7 +1152,7 @@ def _run_epoch(
     if phase != state.phase:
         state.phase = phase
         session.optimizer, session.scheduler = make_optimizer(
-            session.model, settings, phase, data.steps_per_epoch
+            session.model, settings, phase, data.steps_per_epoch, session.criterion
         )
         # DDP synchronises the parameters that require gradients when it wraps the model.
         session.trainer = build_trainer(
@@ -1008,6 +1163,7 @@ def _run_epoch(
             run,
             session.n_classes,
             session.context,
+            session.criterion,
         )
     # Augmentation is seeded per image (`EpochOrder`); dropout and mixing draw from the RNG as
     # this seed and the images decoded so far leave it: (seed, epoch, process) decide them.
@@ -1021,7 +1177,8 @@ def _run_epoch(
         description,
     )
     rate = data.steps_per_epoch * data.batch_size / (time.perf_counter() - started)
-    val_loss, val_accuracy = session.trainer.validate(data.val_loader, data.val_labels)
+    val_loss, task_accuracies = session.trainer.validate(data.val_loader, data.val_labels)
+    val_accuracy = float(np.nanmean(task_accuracies))  # one task: its accuracy
     record = {
         "epoch": epoch + 1,
         "train_loss": train_loss,
@@ -1030,6 +1187,9 @@ def _run_epoch(
         "lr": session.optimizer.param_groups[-1]["lr"],
         "train_images_per_second": rate,
     }
+    if isinstance(session.n_classes, Mapping):
+        for task, accuracy in zip(session.n_classes, task_accuracies, strict=True):
+            record[f"val_accuracy.{task}"] = accuracy
     state.record(record, session.model)
     logger.info(
         "%s: train loss %.4f, val loss %.4f, val accuracy %.4f",
@@ -1038,7 +1198,9 @@ def _run_epoch(
         val_loss,
         val_accuracy,
     )
-    session.checkpointer.save(epoch + 1, session.model, session.optimizer, session.scheduler, state)
+    session.checkpointer.save(
+        epoch + 1, session.model, session.criterion, session.optimizer, session.scheduler, state
+    )
 
 
 def _epoch_loop(images, n_classes, recipe, run, seed, context, run_name) -> TrainingResult:
@@ -1066,4 +1228,9 @@ def _epoch_loop(images, n_classes, recipe, run, seed, context, run_name) -> Trai
         images_per_second=trained / seconds if seconds else 0.0,
         resumed_from_epoch=session.start_epoch,
         stopped_early=state.stopped_early,
+        task_weights=(
+            session.criterion.task_weights()
+            if isinstance(session.criterion, MultiTaskLoss)
+            else None
+        ),
     )

@@ -117,11 +117,28 @@ class PriorAdjusted(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(features).argmax(axis=1)]
 
 
+class TaskHeads(BaseEstimator):
+    """One fitted head per task on the same features (several label columns): `heads` maps
+    task → head, in task order. `predict` gives every task's label id (one column per task);
+    `predict_task_proba` every task's class probabilities."""
+
+    def __init__(self, heads: dict[str, Any]) -> None:
+        self.heads = heads
+
+    def predict_task_proba(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """task → (rows, classes the head saw) probabilities; columns follow `head.classes_`."""
+        return {task: head.predict_proba(features) for task, head in self.heads.items()}
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return np.stack([head.predict(features) for head in self.heads.values()], axis=1)
+
+
 # The project's own estimator types: with scikit-learn's, the only types a stored head may hold
-# (skops refuses every other type on load; the catalog's MLflow copy lists the same two).
+# (skops refuses every other type on load; the catalog's MLflow copy lists the same ones).
 TRUSTED_HEAD_TYPES = (
     "transfer_learning.heads.PrototypeClassifier",
     "transfer_learning.heads.PriorAdjusted",
+    "transfer_learning.heads.TaskHeads",
 )
 
 _HEADS = {

@@ -28,6 +28,7 @@ from transfer_learning.images import (
     image_size_of,
     unreadable_reason,
 )
+from transfer_learning.tasks import MISSING, SINGLE_TASK, Tasks, task_label_column
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +125,24 @@ class DataSettings:
 def build_image_index(
     settings: DataSettings, seed: int
 ) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
-    """Index the configured source; returns (index, class names by label id, skipped files)."""
+    """Index the configured source; returns (index, class names by label id, skipped files).
+
+    With several label columns the class names are the first task's (see `build_task_index`).
+    """
+    frame, tasks, skipped = build_task_index(settings, seed)
+    return frame, tasks.primary, skipped
+
+
+def build_task_index(settings: DataSettings, seed: int) -> tuple[pd.DataFrame, Tasks, pd.DataFrame]:
+    """Index the configured source; returns (index, its tasks and their classes, skipped files)."""
     if settings.source == "digits":
         frame, classes = _index_digits()
+        tasks = Tasks({SINGLE_TASK: classes})
         skipped = pd.DataFrame(columns=SKIPPED_COLUMNS)
     else:
         if settings.source == "manifest":
             origin = Path(settings.manifest)
-            frame, classes = index_manifest(settings)
+            frame, tasks = index_manifest(settings)
         else:
             origin = (
                 Path(settings.path)
@@ -139,12 +150,13 @@ def build_image_index(
                 else export_torchvision_dataset(settings.name, Path(settings.download_dir))
             )
             frame, classes = _scan_image_folder(origin)
+            tasks = Tasks({SINGLE_TASK: classes})
         frame, skipped = _drop_unreadable(frame, settings.on_corrupt)
-        _require_images_per_class(frame, classes, origin)
+        _require_images_per_class(frame, tasks.primary, origin)
     frame = assign_splits(frame, settings.val_fraction, settings.test_fraction, seed)
     if settings.imbalance_ratio is not None:
         frame = long_tailed(frame, settings.imbalance_ratio, seed)
-    return frame.reset_index(drop=True), classes, skipped
+    return frame.reset_index(drop=True), tasks, skipped
 
 
 def long_tailed(frame: pd.DataFrame, ratio: float, seed: int) -> pd.DataFrame:
@@ -182,15 +194,17 @@ def profile_images(frame: pd.DataFrame, settings: DataSettings, seed: int) -> di
     sample = train["location"].sample(min(len(train), PROFILE_SAMPLE), random_state=seed)
     with ThreadPoolExecutor(max_workers=16) as pool:
         sizes = np.array(list(pool.map(image_size_of, sample)))
-    val_counts = frame.loc[frame["split"] == "val", "label"].value_counts()
-    mirror_symmetric = settings.source == "imagefolder" or (
+    val_labels = frame.loc[frame["split"] == "val", "label"]
+    val_counts = val_labels[val_labels != MISSING].value_counts()
+    # Folders and manifests hold the user's photos; of the named sources some are not symmetric.
+    mirror_symmetric = settings.source in ("imagefolder", "manifest") or (
         settings.source == "torchvision" and settings.name not in NOT_MIRROR_SYMMETRIC
     )
     return {
         "typical_short_side": int(np.median(sizes.min(axis=1))),
         "typical_long_side": int(np.median(sizes.max(axis=1))),
         "n_train": len(train),
-        "n_val": int(val_counts.sum()),
+        "n_val": len(val_labels),
         "min_val_per_class": int(val_counts.min()) if len(val_counts) else 0,
         "mirror_symmetric": bool(mirror_symmetric),
     }
@@ -272,15 +286,17 @@ def _index_digits() -> tuple[pd.DataFrame, list[str]]:
     return frame, [str(digit) for digit in range(10)]
 
 
-def index_manifest(settings: DataSettings) -> tuple[pd.DataFrame, list[str]]:
-    """The image index of a manifest table: one row per image, its label, optionally its split.
+def index_manifest(settings: DataSettings) -> tuple[pd.DataFrame, Tasks]:
+    """The image index of a manifest table: one row per image, its label(s), optionally its split.
 
-    Rows without a label are left out (logged); every other problem is an error that names the
-    manifest, the column and the rows (as numbered in a spreadsheet: the header is row 1).
+    One label column: rows without a label are left out (logged). Several (multi-task): a row
+    is kept when it has at least one label, and a task ignores the rows without its label
+    (`tasks.MISSING`). Every other problem is an error that names the manifest, the column and
+    the rows (as numbered in a spreadsheet: the header is row 1).
     """
     manifest = Path(settings.manifest)
     table = _read_manifest(manifest)
-    label_column = _manifest_label_column(manifest, table, settings)
+    label_columns = _manifest_label_columns(manifest, table, settings)
     rows = pd.Series(np.arange(len(table)) + 2, index=table.index)  # spreadsheet row numbers
     paths = table[settings.path_column]
     _refuse_rows(manifest, rows[paths.isna()], f"have no {settings.path_column!r}")
@@ -293,61 +309,93 @@ def index_manifest(settings: DataSettings) -> tuple[pd.DataFrame, list[str]]:
         rows[table["location"].duplicated(keep=False)],
         f"name the same image ({settings.path_column!r}) more than once",
     )
-    labels = table[label_column]
-    unlabelled = labels.isna()
+    names = {
+        column: table[column].astype("string").str.strip().replace("", pd.NA)
+        for column in label_columns
+    }
+    unlabelled = pd.concat([names[c].isna() for c in label_columns], axis=1).all(axis=1)
     if unlabelled.any():
         logger.warning(
-            "%s: %d row(s) without a %r label are left out (rows %s)",
+            "%s: %d row(s) without %s are left out (rows %s)",
             manifest,
             int(unlabelled.sum()),
-            label_column,
+            "a " + repr(label_columns[0]) + " label" if len(label_columns) == 1 else "any label",
             _row_list(rows[unlabelled]),
         )
     table, rows = table[~unlabelled], rows[~unlabelled]
-    class_names = table[label_column].astype(str).str.strip()
-    classes = sorted(class_names.unique())
-    if len(classes) < 2:
-        raise DataSourceError(
-            f"{manifest}: column {label_column!r} (data.label_columns) has "
-            f"{'one class, ' + repr(classes[0]) if classes else 'no labels'}; classification "
-            "needs at least two."
-        )
+    names = {column: values[~unlabelled] for column, values in names.items()}
+    classes = {
+        column: _manifest_classes(manifest, column, names[column]) for column in label_columns
+    }
     split = _manifest_splits(manifest, table, rows, settings.split_column)
-    label_of = {name: label for label, name in enumerate(classes)}
+    ids = {}
+    for column, values in names.items():
+        label_of = {name: label for label, name in enumerate(classes[column])}
+        ids[column] = values.map(label_of).fillna(MISSING).astype(np.int64).to_numpy()
+        if values.isna().any():
+            logger.info(
+                "%s: task %r ignores %d row(s) without its label (rows %s)",
+                manifest,
+                column,
+                int(values.isna().sum()),
+                _row_list(rows[values.isna()]),
+            )
+    first = label_columns[0]
     frame = pd.DataFrame(
         {
             "location": table["location"].to_numpy(),
-            "label": class_names.map(label_of).astype(np.int64).to_numpy(),
-            "class_name": class_names.to_numpy(),
+            "label": ids[first],
+            "class_name": names[first].fillna("").to_numpy(dtype=object),
             "split": split.to_numpy(dtype=object) if split is not None else None,
         }
     )
-    return frame, classes
+    if len(label_columns) > 1:
+        for column in label_columns:
+            frame[task_label_column(column)] = ids[column]
+    return frame, Tasks(classes)
 
 
-def _manifest_label_column(manifest: Path, table: pd.DataFrame, settings: DataSettings) -> str:
-    """The one label column, once every configured column is known to exist."""
+def _manifest_classes(manifest: Path, column: str, names: pd.Series) -> list[str]:
+    classes = sorted(names.dropna().unique())
+    if len(classes) < 2:
+        raise DataSourceError(
+            f"{manifest}: column {column!r} (data.label_columns) has "
+            f"{'one class, ' + repr(classes[0]) if classes else 'no labels'}; classification "
+            "needs at least two."
+        )
+    return [str(name) for name in classes]
+
+
+def _manifest_label_columns(
+    manifest: Path, table: pd.DataFrame, settings: DataSettings
+) -> list[str]:
+    """The label columns (one per task), once every configured column is known to exist."""
     label_columns = (
         [settings.label_columns]
         if isinstance(settings.label_columns, str)
         else list(settings.label_columns)
     )
-    if len(label_columns) != 1:
+    if not label_columns or len(set(label_columns)) != len(label_columns):
         raise DataSourceError(
-            f"data.label_columns={label_columns!r}: one label column is supported so far; "
-            "several (multi-task) are not yet."
+            f"data.label_columns={label_columns!r} must name one or more different columns."
         )
-    wanted = {"data.path_column": settings.path_column, "data.label_columns": label_columns[0]}
+    if settings.path_column in label_columns or settings.split_column in label_columns:
+        raise DataSourceError(
+            f"data.label_columns={label_columns!r} must not hold data.path_column or "
+            "data.split_column."
+        )
+    wanted = [("data.path_column", settings.path_column)]
+    wanted += [("data.label_columns", column) for column in label_columns]
     if settings.split_column:
-        wanted["data.split_column"] = settings.split_column
-    missing = {key: column for key, column in wanted.items() if column not in table.columns}
+        wanted.append(("data.split_column", settings.split_column))
+    missing = [(key, column) for key, column in wanted if column not in table.columns]
     if missing:
         raise DataSourceError(
             f"{manifest} has no column "
-            + ", ".join(f"{column!r} ({key})" for key, column in missing.items())
+            + ", ".join(f"{column!r} ({key})" for key, column in missing)
             + f"; its columns are {', '.join(map(repr, table.columns))}."
         )
-    return label_columns[0]
+    return label_columns
 
 
 def _manifest_splits(
@@ -527,8 +575,10 @@ def _draw(
     labels = frame.loc[rows, "label"]
     counts = labels.value_counts()
     if counts.min() < 2:
+        # With several label columns the draw follows the first; MISSING is one more stratum.
+        name = frame.loc[labels.index[labels == counts.idxmin()][0], "class_name"]
         raise DataSourceError(
-            f"Class {frame.loc[labels.index[labels == counts.idxmin()][0], 'class_name']!r} has "
+            f"Class {name or '(no first-column label)'!r} has "
             f"{counts.min()} image(s); a stratified {split} split ({parameter}) needs at least 2 per class."
         )
     try:

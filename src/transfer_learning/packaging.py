@@ -9,7 +9,8 @@ format that cannot execute anything:
 - `network.pt`: the network's weights, read with `torch.load(weights_only=True)`;
 - `head.skops`: the scikit-learn head (feature_transfer), read by skops trusting only
   scikit-learn's types and `heads.TRUSTED_HEAD_TYPES`;
-- `model.json`: strategy, classes, backbone name, image size.
+- `model.json`: strategy, classes (and with several label columns `tasks`: task → classes),
+  backbone name, image size.
 
 A file that fails these checks is refused with a `ModelFileError` naming it.
 """
@@ -76,6 +77,8 @@ def write_model_files(model: ImageClassifier, folder: Path) -> dict[str, str]:
         "image_size": model.image_size,
         "batch_size": model.batch_size,
     }
+    if len(model.tasks) > 1:
+        spec["tasks"] = model.tasks
     artifacts = {"spec": folder / "model.json", "network": folder / "network.pt"}
     artifacts["spec"].write_text(json.dumps(spec, indent=2))
     torch.save(model.network_state, artifacts["network"])
@@ -115,6 +118,7 @@ def read_model_files(artifacts: Mapping[str, str]) -> ImageClassifier:
             network_state=network_state,
             head=head,
             batch_size=spec["batch_size"],
+            tasks=spec.get("tasks"),
         )
     except KeyError as error:
         raise ModelFileError(f"{spec_file} lacks {error}. {_REPACKAGE}") from error

@@ -12,7 +12,7 @@ import binascii
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +26,10 @@ from transfer_learning.backbones import BackboneSettings, build_backbone
 from transfer_learning.evaluation import align_probabilities
 from transfer_learning.extraction import EvalCollate, Normaliser, autocast_dtype, resolve_device
 from transfer_learning.images import decode_image_bytes, load_rgb_tensor
+from transfer_learning.tasks import PROBABILITY_PREFIX, SINGLE_TASK, Tasks
 
 ERROR_COLUMN = "error"
 ERROR_MESSAGE_COLUMN = "error_message"
-PROBABILITY_PREFIX = "probability_"
 
 # Per-row error codes: stable, documented (README, "Serve it"), and free of server detail; the
 # full exception goes to the server's log.
@@ -92,10 +92,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     `network_state` is either a fine-tuned `Classifier`'s weights (backbone + linear head; `head`
     None) or a backbone's feature weights with `head` the scikit-learn pipeline on its features.
+    With several tasks (`tasks`: task → class names, several label columns) the linear head has
+    every task's classes side by side, or `head` is a `heads.TaskHeads`.
 
     `predict` — what `mlflow models serve` runs for network clients — takes a DataFrame with an
     `image` column (base64-encoded image bytes) and returns `predicted_class`, one
-    `probability_<class>` column per class (None where the row failed: `null` in JSON), `error`
+    `probability_<class>` column per class (with several tasks: `predicted_<task>` and
+    `probability_<task>_<class>` for every task; None where the row failed: `null` in JSON), `error`
     (empty, or a code of ERRORS) and `error_message`. It never opens a path a client names, unless
     the deployer sets TRANSFER_LEARNING_ALLOW_PATHS=true. `predict_files` is the trusted local
     entry (the evaluation and the predict pipeline): it reads the user's own image files.
@@ -110,9 +113,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         network_state: dict[str, torch.Tensor],
         head: Any = None,
         batch_size: int = 64,
+        tasks: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.strategy = strategy
-        self.classes = list(classes)
+        self.classes = list(classes)  # the first task's
+        self.tasks = {k: list(v) for k, v in (tasks or {SINGLE_TASK: classes}).items()}
         self.backbone_name = backbone_name
         self.image_size = int(image_size)
         self.network_state = network_state
@@ -126,6 +131,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("tasks", {SINGLE_TASK: self.classes})
         self._network = None
 
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -140,7 +146,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def _score(self, decoders: list) -> pd.DataFrame:
         """Decode and score `batch_size` rows at a time; a row that fails gets an error code."""
-        probabilities = np.full((len(decoders), len(self.classes)), np.nan)
+        tasks = Tasks(self.tasks)
+        probabilities = [np.full((len(decoders), size), np.nan) for size in tasks.sizes]
         errors = [""] * len(decoders)
         for start in range(0, len(decoders), self.batch_size):
             images = {}
@@ -150,22 +157,33 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 except RowError as error:
                     errors[position] = error.code
             if images:
-                probabilities[list(images)] = self.probabilities(list(images.values()))
-        return self._frame(probabilities, errors)
+                scored = self.task_probabilities(list(images.values()))
+                for task_probabilities, task_scored in zip(probabilities, scored, strict=True):
+                    task_probabilities[list(images)] = task_scored
+        return self._frame(tasks, probabilities, errors)
+
+    def probabilities(self, images: list[torch.Tensor]) -> np.ndarray:
+        """Class probabilities (float64, rows sum to 1) of decoded uint8 (3, H, W) images (the
+        first task's)."""
+        return self.task_probabilities(images)[0]
 
     @torch.inference_mode()
-    def probabilities(self, images: list[torch.Tensor]) -> np.ndarray:
-        """Class probabilities (float64, rows sum to 1) of decoded uint8 (3, H, W) images."""
+    def task_probabilities(self, images: list[torch.Tensor]) -> list[np.ndarray]:
+        """Every task's class probabilities (float64, rows sum to 1), in task order."""
         if self._network is None:
             self._build()
         dtype = autocast_dtype(self._device)
         with torch.autocast(self._device.type, dtype=dtype, enabled=dtype is not None):
             outputs = self._network(self._normalise(self._collate(images))).float().cpu()
+        sizes = [len(names) for names in self.tasks.values()]
         if self.head is None:
-            return torch.softmax(outputs.double(), dim=1).numpy()
-        return align_probabilities(
-            self.head.predict_proba(outputs.numpy()), self.head.classes_, len(self.classes)
-        )
+            return [torch.softmax(part.double(), dim=1).numpy() for part in outputs.split(sizes, 1)]
+        heads = getattr(self.head, "heads", {SINGLE_TASK: self.head})  # TaskHeads or one head
+        features = outputs.numpy()
+        return [
+            align_probabilities(head.predict_proba(features), head.classes_, size)
+            for head, size in zip(heads.values(), sizes, strict=True)
+        ]
 
     def _build(self) -> None:
         from transfer_learning.finetune import build_classifier
@@ -174,7 +192,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             name=self.backbone_name, image_size=self.image_size, pretrained=False
         )
         if self.head is None:
-            network, backbone = build_classifier(settings, len(self.classes), seed=0)
+            n_outputs = sum(len(names) for names in self.tasks.values())
+            network, backbone = build_classifier(settings, n_outputs, seed=0)
         else:
             backbone = build_backbone(settings)
             network = backbone.features
@@ -233,26 +252,35 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             logger.warning("Cannot read %s: %r", location, error)
             raise RowError("unreadable_file") from error
 
-    def _frame(self, probabilities: np.ndarray, errors: list[str]) -> pd.DataFrame:
-        frame = pd.DataFrame(
-            probabilities, columns=[f"{PROBABILITY_PREFIX}{c}" for c in self.classes]
-        )
-        unread = np.isnan(probabilities).any(axis=1)
-        best = np.nan_to_num(probabilities, nan=-1).argmax(axis=1)
-        predicted = np.where(unread, "", np.asarray(self.classes, dtype=object)[best])
-        frame.insert(0, "predicted_class", predicted)
-        if unread.any():
-            # None, not NaN: `null` in the served JSON, which strict parsers accept.
-            columns = [c for c in frame.columns if c.startswith(PROBABILITY_PREFIX)]
-            keep = np.repeat(~unread[:, None], len(columns), axis=1)
-            frame[columns] = frame[columns].astype(object).where(keep, None)
+    def _frame(
+        self, tasks: Tasks, probabilities: list[np.ndarray], errors: list[str]
+    ) -> pd.DataFrame:
+        """predicted_<task> and probability columns of every task, then error and message."""
+        unread = np.array([code != "" for code in errors], dtype=bool)
+        parts = []
+        for task, task_probabilities in zip(tasks.names, probabilities, strict=True):
+            columns = tasks.probability_columns(task)
+            part = pd.DataFrame(task_probabilities, columns=columns)
+            best = np.nan_to_num(task_probabilities, nan=-1).argmax(axis=1)
+            names = np.asarray(tasks.classes[task], dtype=object)
+            part.insert(0, tasks.predicted_column(task), np.where(unread, "", names[best]))
+            if unread.any():
+                # None, not NaN: `null` in the served JSON, which strict parsers accept.
+                keep = np.repeat(~unread[:, None], len(columns), axis=1)
+                part[columns] = part[columns].astype(object).where(keep, None)
+            parts.append(part)
+        frame = pd.concat(parts, axis=1)
         frame[ERROR_COLUMN] = errors
         frame[ERROR_MESSAGE_COLUMN] = [ERRORS.get(code, "") for code in errors]
         return frame
 
 
-def probability_matrix(predictions: pd.DataFrame) -> np.ndarray:
-    """The `probability_<class>` columns of `ImageClassifier.predict`'s output, in class order
-    (NaN where a row failed)."""
-    columns = [c for c in predictions.columns if c.startswith(PROBABILITY_PREFIX)]
-    return predictions[columns].astype(np.float64).to_numpy()
+def probability_matrix(
+    predictions: pd.DataFrame, columns: Sequence[str] | None = None
+) -> np.ndarray:
+    """The probability columns of `ImageClassifier.predict`'s output, in class order (NaN where
+    a row failed): `columns` (one task's: `Tasks.probability_columns`), or every
+    `probability_` column (a single-task model's)."""
+    if columns is None:
+        columns = [c for c in predictions.columns if c.startswith(PROBABILITY_PREFIX)]
+    return predictions[list(columns)].astype(np.float64).to_numpy()

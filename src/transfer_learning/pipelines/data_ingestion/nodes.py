@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from transfer_learning.duplicates import apply_duplicate_policy, find_duplicates
-from transfer_learning.image_index import DataSettings, build_image_index, profile_images
+from transfer_learning.image_index import DataSettings, build_task_index, profile_images
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
 logger = logging.getLogger(__name__)
@@ -22,26 +22,32 @@ def index_images(
     """Index the images of `data.source`, split them into train/val/test and check the test
     split for duplicates of train/val images (`data.on_duplicate`).
 
-    Returns the image index, the class names by label id, the files left out as unreadable,
+    Returns the image index, the class names by label id (and, with several label columns,
+    every task's: `tasks.Tasks`), the files left out as unreadable,
     the test images found to duplicate train/val ones, the data profile that `auto` settings
     follow, and the split sizes (logged to MLflow).
     """
     settings = DataSettings.from_params(data)
-    index, classes, skipped = build_image_index(settings, seed)
+    index, tasks, skipped = build_task_index(settings, seed)
     duplicates = find_duplicates(index)
     index = apply_duplicate_policy(index, duplicates, settings.on_duplicate)
     profile = profile_images(index, settings, seed)
     logger.info("Data profile (what auto settings follow): %s", profile)
     sizes = index["split"].value_counts()
     logger.info(
-        "Indexed %d images in %d classes: %s",
+        "Indexed %d images in %s classes: %s",
         len(index),
-        len(classes),
+        " + ".join(
+            f"{size} {task}" if tasks.multi else str(size)
+            for task, size in zip(tasks.names, tasks.sizes, strict=True)
+        ),
         ", ".join(f"{split} {sizes.get(split, 0)}" for split in ("train", "val", "test")),
     )
     counts = {f"n_{split}": float(sizes.get(split, 0)) for split in ("train", "val", "test")}
-    counts["n_classes"] = float(len(classes))
+    counts["n_classes"] = float(len(tasks.primary))
+    if tasks.multi:
+        counts["n_tasks"] = float(len(tasks.names))
     counts["n_skipped"] = float(len(skipped))
     counts["n_test_duplicates"] = float(len(duplicates))
     counts["typical_short_side"] = float(profile["typical_short_side"])
-    return index, {"classes": classes}, skipped, duplicates, profile, mlflow_metrics(counts)
+    return index, tasks.to_class_names(), skipped, duplicates, profile, mlflow_metrics(counts)

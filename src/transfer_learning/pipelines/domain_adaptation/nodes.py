@@ -45,6 +45,7 @@ from transfer_learning.pipelines.parameter_transfer.nodes import (
     package_image_model as package_network,
 )
 from transfer_learning.serving import ImageClassifier
+from transfer_learning.tasks import require_single_task
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def index_target(
 ) -> pd.DataFrame:
     """Index `data.target_path`: `adapt` rows (any labels are dropped before adaptation) and,
     for a labelled folder, a held-out `test` split for evaluation."""
+    require_single_task(class_names, "domain_adaptation")
     target_index, skipped = index_target_images(
         DataSettings.from_params(data), class_names["classes"], seed
     )

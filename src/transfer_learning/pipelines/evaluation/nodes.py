@@ -10,15 +10,19 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from transfer_learning.evaluation import (
-    confusion_matrix_figure,
+    confusion_matrices_figure,
     evaluate_predictions,
     reliability_figure,
 )
 from transfer_learning.packaging import local_image_classifier
 from transfer_learning.serving import ImageClassifier, probability_matrix
+from transfer_learning.tasks import MISSING, Tasks
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
 logger = logging.getLogger(__name__)
+
+# What the report gives for every task of a multi-task model (`tasks` in <strategy>_metrics.json).
+TASK_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "ece", "n_test")
 
 
 class EvaluationError(RuntimeError):
@@ -35,9 +39,13 @@ def score_test_split(image_model: Any, test_index: pd.DataFrame) -> dict[str, np
 
     `image_model` is the packaged `ImageClassifier` (or the MLflow pyfunc that wraps it): the same
     code that `predict` and `mlflow models serve` run, so the metrics describe what is deployed.
+    Arrays: `label` and `probabilities` of the (first) task; with several tasks also
+    `task_labels` (one column per task, `tasks.MISSING` where absent) and `probabilities_<k>`
+    of task k.
     """
+    classifier = local_image_classifier(image_model)
     locations = test_index["location"].tolist()
-    predictions = local_image_classifier(image_model).predict_files(locations)
+    predictions = classifier.predict_files(locations)
     failed = predictions[predictions["error"] != ""]
     if not failed.empty:
         listing = "\n".join(
@@ -49,38 +57,86 @@ def score_test_split(image_model: Any, test_index: pd.DataFrame) -> dict[str, np
             "Fix or remove them and re-run data_ingestion (data.on_corrupt=skip leaves "
             "unreadable files out)."
         )
-    return {
-        "label": test_index["label"].to_numpy(np.int64),
-        "probabilities": probability_matrix(predictions),
+    tasks = Tasks(classifier.tasks)
+    labels = tasks.label_matrix(test_index)
+    probabilities = [
+        probability_matrix(predictions, tasks.probability_columns(task)) for task in tasks.names
+    ]
+    arrays = {
+        "label": labels[:, 0],
+        "probabilities": probabilities[0],
         "location": np.asarray(locations, dtype=str),
     }
+    if tasks.multi:
+        arrays["task_labels"] = labels
+        arrays.update({f"probabilities_{k}": p for k, p in enumerate(probabilities)})
+    return arrays
 
 
 def evaluate_test_predictions(
     test_predictions: dict[str, np.ndarray],
     training_summary: dict[str, Any],
-    class_names: dict[str, list[str]],
+    class_names: dict[str, Any],
     strategy: str,
 ) -> tuple[dict[str, Any], pd.DataFrame, Figure, Figure, MlflowMetrics, dict[str, Any]]:
     """Metrics, per-class table, confusion matrix and reliability diagram on the test split,
-    and the values the strategy's `auto` settings resolved to (logged as MLflow parameters)."""
-    names = class_names["classes"]
-    metrics, per_class, reliability, matrix = evaluate_predictions(
-        test_predictions["label"], test_predictions["probabilities"], names
-    )
+    and the values the strategy's `auto` settings resolved to (logged as MLflow parameters).
+
+    With several tasks, each is evaluated on the test images with its label: the report keeps
+    the first task's metrics at the top and adds `tasks` (task → accuracy, balanced accuracy,
+    macro-F1, ECE, n_test); the per-class table gains a `task` column and the confusion-matrix
+    figure a panel per task; MLflow gets `<task>.<metric>` too.
+    """
+    tasks = Tasks.from_class_names(class_names)
+    evaluated = {
+        task: evaluate_predictions(*_task_predictions(test_predictions, k), tasks.classes[task])
+        for k, task in enumerate(tasks.names)
+    }
+    metrics, per_class, reliability, _ = evaluated[tasks.names[0]]
     metrics["fit_seconds"] = float(training_summary["fit_seconds"])
     metrics["trainable_parameters"] = int(training_summary.get("trainable_parameters", 0))
     resolved = dict(training_summary.get("resolved", {}))
     recall = dict(zip(per_class["class_name"], per_class["recall"].astype(float), strict=True))
     report = {"strategy": strategy, **metrics, **resolved, "recall": recall}
+    logged = dict(metrics)
+    title = f"{strategy}: confusion matrix (test)"
+    matrices = {title: (evaluated[tasks.names[0]][3], tasks.primary)}
+    if tasks.multi:
+        report["tasks"] = {
+            task: {name: result[0][name] for name in TASK_METRICS}
+            for task, result in evaluated.items()
+        }
+        logged.update(
+            {
+                f"{task}.{name}": value
+                for task, row in report["tasks"].items()
+                for name, value in row.items()
+            }
+        )
+        per_class = pd.concat(
+            [result[1].assign(task=task) for task, result in evaluated.items()], ignore_index=True
+        )[["task", *per_class.columns]]
+        matrices = {
+            f"{strategy}: {task} (test)": (result[3], tasks.classes[task])
+            for task, result in evaluated.items()
+        }
     return (
         report,
         per_class,
-        confusion_matrix_figure(matrix, names, f"{strategy}: confusion matrix (test)"),
+        confusion_matrices_figure(matrices),
         reliability_figure(reliability, metrics["ece"], f"{strategy}: reliability (test)"),
-        mlflow_metrics(metrics),
+        mlflow_metrics(logged),
         resolved,
     )
+
+
+def _task_predictions(arrays: dict[str, np.ndarray], task: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities of task `task` on the test images that have its label."""
+    if "task_labels" not in arrays:
+        return arrays["label"], arrays["probabilities"]
+    labels = arrays["task_labels"][:, task]
+    labelled = labels != MISSING
+    return labels[labelled], arrays[f"probabilities_{task}"][labelled]
 
 
 def register_image_model(image_model: Any) -> ImageClassifier:

@@ -13,6 +13,7 @@ from transfer_learning.backbone_selection import SelectionSettings, choose_backb
 from transfer_learning.backbones import AUTO, BackboneSettings, build_backbone, resolve_image_size
 from transfer_learning.distributed import DistributedSettings
 from transfer_learning.extraction import ExtractionSettings, extract_features, resolve_device
+from transfer_learning.tasks import index_label_matrix
 from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def extract_image_features(
     """Run every image of the index through the frozen backbone (`backbone`: resolved by
     `resolve_backbone`, no `auto` left), on `distributed.*` processes.
 
-    Returns arrays `features` (n, d) float32, `label`, `split` and `location` in index order,
+    Returns arrays `features` (n, d) float32, `label`, `task_labels` (n, tasks: every label
+    column's ids, `tasks.MISSING` where absent), `split` and `location` in index order,
     plus the backbone's name and (resolved) image size, and extraction metrics for MLflow.
     """
     model = build_backbone(BackboneSettings.from_params(backbone))
@@ -87,6 +89,7 @@ def extract_image_features(
     arrays = {
         "features": np.asarray(result.features, dtype=np.float32),
         "label": image_index["label"].to_numpy(np.int64),
+        "task_labels": index_label_matrix(image_index),
         "split": image_index["split"].to_numpy(str),
         "location": image_index["location"].to_numpy(str),
         "backbone": np.array(model.name),

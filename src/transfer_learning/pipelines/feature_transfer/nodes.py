@@ -9,8 +9,9 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.heads import HeadSettings, select_and_fit
+from transfer_learning.heads import FittedHead, HeadSettings, TaskHeads, select_and_fit
 from transfer_learning.serving import ImageClassifier
+from transfer_learning.tasks import MISSING, Tasks
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ def split_features(image_features: Arrays) -> tuple[Arrays, Arrays]:
 
     Test rows stay behind: evaluation scores the test images with the packaged model.
     """
+    # Features stored before label columns became tasks have `label` alone: one task.
+    task_labels = image_features.get("task_labels", image_features["label"][:, None])
     parts = []
     for split in ("train", "val"):
         rows = image_features["split"] == split
@@ -29,6 +32,7 @@ def split_features(image_features: Arrays) -> tuple[Arrays, Arrays]:
             {
                 "features": image_features["features"][rows],
                 "label": image_features["label"][rows],
+                "task_labels": task_labels[rows],
                 "location": image_features["location"][rows],
                 "image_size": image_features["image_size"],
             }
@@ -37,24 +41,69 @@ def split_features(image_features: Arrays) -> tuple[Arrays, Arrays]:
 
 
 def fit_head(
-    train_features: Arrays, val_features: Arrays, head: dict[str, Any], seed: int
-) -> tuple[Pipeline, Pipeline, dict[str, Any]]:
+    train_features: Arrays,
+    val_features: Arrays,
+    class_names: dict[str, Any],
+    head: dict[str, Any],
+    seed: int,
+) -> tuple[Any, Any, dict[str, Any]]:
     """Choose the head's hyper-parameters on val, refit, and summarise the training.
 
-    Returns the fitted sklearn pipeline twice (the versioned catalog copy and the MLflow
-    model) and a summary with fit time, the chosen parameters and the search.
+    With several label columns, one head per task on the same features, each chosen and fitted
+    on the rows that have its label (`heads.TaskHeads`). Returns the fitted head twice (the
+    versioned catalog copy and the MLflow model) and a summary with fit time, the chosen
+    parameters and the search (per task under `tasks`).
     """
     settings = HeadSettings.from_params(head)
-    fitted = select_and_fit(
-        (train_features["features"], train_features["label"]),
-        (val_features["features"], val_features["label"]),
-        settings,
-        seed,
-    )
+    tasks = Tasks.from_class_names(class_names)
+    fitted = {}
+    for column, task in enumerate(tasks.names):
+        train_rows = train_features["task_labels"][:, column] != MISSING
+        val_rows = val_features["task_labels"][:, column] != MISSING
+        fitted[task] = select_and_fit(
+            (
+                train_features["features"][train_rows],
+                train_features["task_labels"][train_rows, column],
+            ),
+            (val_features["features"][val_rows], val_features["task_labels"][val_rows, column]),
+            settings,
+            seed,
+        )
+        _log_choice(settings, fitted[task], task if tasks.multi else "")
+    first = fitted[tasks.names[0]]
+    model = first.model if not tasks.multi else TaskHeads({t: f.model for t, f in fitted.items()})
+    summary = {
+        "strategy": "feature_transfer",
+        "fit_seconds": sum(f.fit_seconds for f in fitted.values()),
+        "val_accuracy": first.val_accuracy,
+        "best_params": first.best_params,
+        "selection": first.selection,
+        "chosen": first.chosen,
+        "search": first.search,
+        "trainable_parameters": sum(_head_parameter_count(f.model) for f in fitted.values()),
+        "head": first.head_type,
+        "image_size": int(train_features["image_size"]),
+        "resolved": {"image_size": int(train_features["image_size"]), "head": first.head_type},
+    }
+    if tasks.multi:
+        summary["tasks"] = {
+            task: {
+                "val_accuracy": f.val_accuracy,
+                "head": f.head_type,
+                "best_params": f.best_params,
+                "fit_seconds": f.fit_seconds,
+            }
+            for task, f in fitted.items()
+        }
+    return model, model, summary
+
+
+def _log_choice(settings: HeadSettings, fitted: FittedHead, task: str) -> None:
     chosen = fitted.chosen
     logger.info(
-        "Head %s chose %s %s by %s: accuracy %.4f ± %.4f, log-loss %.4f (%.1f s)",
+        "Head %s%s chose %s %s by %s: accuracy %.4f ± %.4f, log-loss %.4f (%.1f s)",
         settings.type,
+        f" for task {task!r}" if task else "",
         fitted.head_type,
         fitted.best_params,
         "cross-validation on train+val" if fitted.selection == "cv" else "val",
@@ -63,20 +112,6 @@ def fit_head(
         chosen["val_log_loss"],
         fitted.fit_seconds,
     )
-    summary = {
-        "strategy": "feature_transfer",
-        "fit_seconds": fitted.fit_seconds,
-        "val_accuracy": fitted.val_accuracy,
-        "best_params": fitted.best_params,
-        "selection": fitted.selection,
-        "chosen": chosen,
-        "search": fitted.search,
-        "trainable_parameters": _head_parameter_count(fitted.model),
-        "head": fitted.head_type,
-        "image_size": int(train_features["image_size"]),
-        "resolved": {"image_size": int(train_features["image_size"]), "head": fitted.head_type},
-    }
-    return fitted.model, fitted.model, summary
 
 
 def _head_parameter_count(model: Pipeline) -> int:
@@ -92,8 +127,8 @@ def _head_parameter_count(model: Pipeline) -> int:
 
 
 def package_image_model(
-    head_model: Pipeline,
-    class_names: dict[str, list[str]],
+    head_model: Any,
+    class_names: dict[str, Any],
     backbone: dict[str, Any],
     strategy: str = "feature_transfer",
 ) -> ImageClassifier:
@@ -103,6 +138,7 @@ def package_image_model(
     return ImageClassifier(
         strategy=strategy,
         classes=class_names["classes"],
+        tasks=class_names.get("tasks"),
         backbone_name=features.name,
         image_size=features.preprocessing.image_size,
         network_state=features.features.state_dict(),

@@ -20,7 +20,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=fit_head,
-                inputs=["train_features", "val_features", "params:head", "params:seed"],
+                inputs=[
+                    "train_features",
+                    "val_features",
+                    "class_names",
+                    "params:head",
+                    "params:seed",
+                ],
                 outputs=["model", "mlflow_model", "training_summary"],
                 name="fit_head",
             ),

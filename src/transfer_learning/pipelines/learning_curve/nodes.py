@@ -27,14 +27,18 @@ from transfer_learning.learning_curve import (
 from transfer_learning.pipelines.evaluation.nodes import score_test_split
 from transfer_learning.pipelines.parameter_transfer.nodes import package_image_model
 from transfer_learning.strategies import STRATEGIES
+from transfer_learning.tasks import require_single_task
 
 logger = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 
 
-def draw_curve_subsets(image_index: pd.DataFrame, curve: dict[str, Any], seed: int) -> pd.DataFrame:
+def draw_curve_subsets(
+    image_index: pd.DataFrame, class_names: dict[str, Any], curve: dict[str, Any], seed: int
+) -> pd.DataFrame:
     """The nested, stratified training sets of every (seed, size) point, drawn from train."""
+    require_single_task(class_names, "learning_curve")
     settings = CurveSettings.from_params(curve)
     train = image_index[image_index["split"] == "train"].reset_index(drop=True)
     subsets = draw_subsets(train, settings, seed)

@@ -43,7 +43,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=draw_curve_subsets,
-                inputs=["image_index", "params:curve", "params:seed"],
+                inputs=["image_index", "class_names", "params:curve", "params:seed"],
                 outputs="curve_subsets",
                 name="draw_curve_subsets",
             ),

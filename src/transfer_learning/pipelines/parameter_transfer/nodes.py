@@ -16,6 +16,7 @@ from transfer_learning.finetune import (
     train_classifier,
 )
 from transfer_learning.serving import ImageClassifier
+from transfer_learning.tasks import Tasks
 from transfer_learning.tracking import MlflowMetrics
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def resolve_recipe(
 def train_model(  # noqa: PLR0913 (a training run's inputs, each a catalog entry or parameter)
     train_index: pd.DataFrame,
     val_index: pd.DataFrame,
-    class_names: dict[str, list[str]],
+    class_names: dict[str, Any],
     recipe: Recipe,
     training: dict[str, Any],
     seed: int,
@@ -61,14 +62,17 @@ def train_model(  # noqa: PLR0913 (a training run's inputs, each a catalog entry
 ) -> tuple[dict[str, Any], dict[str, Any], MlflowMetrics]:
     """Train on train, keep the epoch with the best val accuracy (on `distributed.*` processes).
 
+    With several label columns: one network with a head per task, the loss summed over the tasks
+    (`finetune.task_weights`); the best epoch has the best mean val accuracy over the tasks.
+
     Returns the best checkpoint (weights and plain values: a versioned catalog artefact), the
     training summary and the per-epoch metric histories.
     """
-    n_classes = len(class_names["classes"])
-    images = TrainValImages.from_index(train_index, val_index)
+    tasks = Tasks.from_class_names(class_names)
+    images = TrainValImages.from_index(train_index, val_index, tasks)
     result = train_classifier(
         images,
-        n_classes,
+        dict(zip(tasks.names, tasks.sizes, strict=True)) if tasks.multi else tasks.sizes[0],
         recipe,
         TrainingRunSettings.from_params(training),
         seed,
@@ -78,7 +82,7 @@ def train_model(  # noqa: PLR0913 (a training run's inputs, each a catalog entry
     )
     checkpoint = {
         "state_dict": result.state_dict,
-        "n_classes": n_classes,
+        "n_classes": sum(tasks.sizes),  # the network's outputs: every task's classes
         "backbone_name": recipe.backbone.name,
         "image_size": int(recipe.backbone.image_size),
     }
@@ -101,20 +105,29 @@ def train_model(  # noqa: PLR0913 (a training run's inputs, each a catalog entry
         "trainable_parameters": result.trainable_parameters,
         "train_images_per_second": result.images_per_second,
     }
+    names = list(HISTORY_METRICS)
+    if tasks.multi:
+        best = result.history[result.best_epoch - 1]  # the history holds every epoch run
+        summary["tasks"] = {
+            task: {"best_val_accuracy": best[f"val_accuracy.{task}"], "loss_weight": weight}
+            for task, weight in zip(tasks.names, result.task_weights, strict=True)
+        }
+        names += [f"val_accuracy.{task}" for task in tasks.names]
     history = {
         name: [{"value": float(row[name]), "step": int(row["epoch"])} for row in result.history]
-        for name in HISTORY_METRICS
+        for name in names
     }
     return checkpoint, summary, history
 
 
 def package_image_model(
-    model_checkpoint: dict[str, Any], class_names: dict[str, list[str]], strategy: str
+    model_checkpoint: dict[str, Any], class_names: dict[str, Any], strategy: str
 ) -> ImageClassifier:
     """The deployable images → probabilities model, from the best checkpoint."""
     return ImageClassifier(
         strategy=strategy,
         classes=class_names["classes"],
+        tasks=class_names.get("tasks"),
         backbone_name=model_checkpoint["backbone_name"],
         image_size=model_checkpoint["image_size"],
         network_state=model_checkpoint["state_dict"],
