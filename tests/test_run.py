@@ -66,6 +66,17 @@ def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def predict_with(project: Path, folder: Path, strategy: str) -> pd.DataFrame:
+    """`kedro run --pipelines=predict` on `folder` with `strategy`'s model; its predictions.csv."""
+    completed = kedro(
+        project,
+        "--pipelines=predict",
+        f"--params=predict.path={folder},predict.strategy={strategy}",
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return pd.read_csv(project / "data" / "07_model_output" / "predictions.csv")
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     project = copy_project(tmp_path_factory.mktemp("project"))
@@ -361,13 +372,7 @@ def test_a_two_task_run_evaluates_and_compares_every_task(two_task_run):
 
 def test_a_two_task_model_predicts_every_task(two_task_run):
     project, images, table = two_task_run
-    completed = kedro(
-        project,
-        "--pipelines=predict",
-        f"--params=predict.path={images},predict.strategy=feature_transfer",
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    predictions = pd.read_csv(project / "data" / "07_model_output" / "predictions.csv")
+    predictions = predict_with(project, images, "feature_transfer")
     assert ["predicted_digit", "probability_digit_0"] == list(predictions.columns[1:3])
     assert "predicted_parity" in predictions and "probability_parity_odd" in predictions
     truth = table.set_index("path")["parity"].reindex(predictions["path"].str[-8:]).to_numpy()
@@ -646,13 +651,7 @@ def test_domain_adaptation_run_reports_saves_and_registers_every_method(adaptati
 
 def test_predict_uses_an_adapted_model(adaptation_run, tmp_path):
     project, target = adaptation_run
-    completed = kedro(
-        project,
-        "--pipelines=predict",
-        f"--params=predict.path={target / '3'},predict.strategy=parameter_transfer_adabn",
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    predictions = pd.read_csv(project / "data" / "07_model_output" / "predictions.csv")
+    predictions = predict_with(project, target / "3", "parameter_transfer_adabn")
     assert len(predictions) == 15 and (predictions["error"].isna()).all()
 
 
