@@ -348,7 +348,7 @@ def two_task_run(tmp_path_factory):
         "data:\n  source: manifest\n  manifest: data/01_raw/digits/labels.csv\n"
         "  label_columns: [digit, parity]\n"
     )
-    completed = kedro(project, "--params=finetune.epochs=3,structure_transfer.finetune.epochs=3")
+    completed = kedro(project, "--params=finetune.epochs=2,structure_transfer.finetune.epochs=2")
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return project, images, table
 
@@ -366,6 +366,10 @@ def test_a_two_task_run_evaluates_and_compares_every_task(two_task_run):
             assert f"| {strategy} | {task} | {accuracy:.4f} |" in comparison
         per_class = pd.read_csv(reports / f"{strategy}_per_class.csv")
         assert per_class["task"].value_counts().to_dict() == {"digit": 10, "parity": 2}
+    # The default task weights: every task's loss weighs 1.
+    summaries = project / "data" / "06_models" / "parameter_transfer" / "training_summary.json"
+    summary = json.loads(summaries.read_text())
+    assert [task["loss_weight"] for task in summary["tasks"].values()] == [1.0, 1.0]
     feature_transfer = json.loads((reports / "feature_transfer_metrics.json").read_text())
     assert feature_transfer["tasks"]["parity"]["accuracy"] > 0.8
 
