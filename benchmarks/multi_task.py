@@ -139,7 +139,7 @@ def run(
     model = package_image_model(checkpoint, class_names, STRATEGY)
     folder = out / ("model_" + "_".join(label_columns) + "_" + task_weights)
     save_image_model(model, folder)
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and "code" not in f.parts)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     test = index[index["split"] == "test"].reset_index(drop=True)
     report, *_ = evaluate_test_predictions(
         score_test_split(model, test), summary, class_names, STRATEGY

@@ -855,7 +855,6 @@ def build_trainer(
     data: TrainingData,
     recipe: FinetuneSettings,
     run: TrainingRunSettings,
-    n_classes: int | Mapping[str, int],
     context: ProcessContext,
     criterion: TrainingLoss | MultiTaskLoss,
 ) -> Trainer:
@@ -872,7 +871,10 @@ def build_trainer(
         grad_clip=recipe.grad_clip,
         batch_size=recipe.batch_size,
         progress=run.progress,
-        mix=None if isinstance(n_classes, Mapping) else batch_mixing(recipe, n_classes),
+        # Mixing acts on one labelling: a multi-task criterion has none to mix (refused earlier).
+        mix=batch_mixing(recipe, criterion.task_sizes[0])
+        if isinstance(criterion, TrainingLoss)
+        else None,
         micro_batch_size=run.micro_batch_size,
     )
 
@@ -1123,7 +1125,7 @@ def _start(images, n_classes, recipe: Recipe, run, seed, context, run_name) -> _
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
     set_trainable(model, state.phase)
-    trainer = build_trainer(model, backbone, data, settings, run, n_classes, context, criterion)
+    trainer = build_trainer(model, backbone, data, settings, run, context, criterion)
     start_epoch = int(checkpoint["epoch"]) if checkpoint else 0
     return _Session(
         model,
@@ -1161,7 +1163,6 @@ def _run_epoch(
             data,
             settings,
             run,
-            session.n_classes,
             session.context,
             session.criterion,
         )
