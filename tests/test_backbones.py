@@ -37,7 +37,7 @@ def test_random_initialisation_does_not_recognise_the_photos():
     china, flower = imagenet_top5(
         build_backbone(BackboneSettings(image_size=None, pretrained=False))
     )
-    assert not ("palace" in china and "daisy" in flower)
+    assert "palace" not in china and "daisy" not in flower
 
 
 def test_backbone_reports_its_preprocessing_and_width():

@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -128,6 +129,12 @@ def test_an_odd_but_valid_image_is_indexed_and_read_as_rgb(tmp_path, name):
     if name.startswith("animated"):
         first_pixel = image[:, 0, 0].int()
         assert (first_pixel - torch.tensor([255, 0, 0])).abs().max() <= 8  # frame 1 (red)
+    if name == "cmyk.jpg":
+        # The colours of the RGB photo it was made from (PIL writes C = 255 - R, ..., K = 0):
+        # inverted or swapped channels would be off by about a hundred levels.
+        original = photo().resize((image.shape[2], image.shape[1]), Image.Resampling.BOX)
+        expected = torch.from_numpy(np.asarray(original)).permute(2, 0, 1).int()
+        assert (image.int() - expected).abs().float().mean(dim=(1, 2)).max() < 6
 
 
 def test_a_symlink_loop_in_the_tree_does_not_hang_the_index(tmp_path):
@@ -137,14 +144,39 @@ def test_a_symlink_loop_in_the_tree_does_not_hang_the_index(tmp_path):
     assert len(frame) == 13 and skipped.empty
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_a_file_without_read_permission_is_skipped(tmp_path):
-    root, odd = folder_with(
-        tmp_path, "locked.png", lambda p: write_image(p, np.random.default_rng(1))
-    )
-    odd.chmod(0)
-    _, _, skipped = index(root, "skip")
-    assert skipped["location"].tolist() == [str(odd)]
+# Indexes the folder given as argv[1] with on_corrupt=skip; prints the skipped files.
+INDEX_AND_LIST_SKIPPED = """
+import sys
+from transfer_learning.image_index import DataSettings, build_image_index
+settings = DataSettings.from_params({"source": "imagefolder", "path": sys.argv[1], "on_corrupt": "skip"})
+print("\\n".join(build_image_index(settings, seed=0)[2]["location"]))
+"""
+
+
+def as_unprivileged_user() -> list[str]:
+    """The command prefix that runs a process as `nobody` (root reads files whatever their
+    permissions, so the check must run as someone else); empty when not root already."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_a_file_without_read_permission_is_skipped():
+    # Outside pytest's private tmp folder, so that the unprivileged user can reach the images.
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chmod(scratch, 0o755)
+        root, odd = folder_with(
+            Path(scratch), "locked.png", lambda p: write_image(p, np.random.default_rng(1))
+        )
+        for folder in (root, root / "a", root / "b"):
+            folder.chmod(0o755)
+        odd.chmod(0)
+        completed = subprocess.run(
+            [*as_unprivileged_user(), sys.executable, "-c", INDEX_AND_LIST_SKIPPED, str(root)],
+            capture_output=True, text=True, timeout=300, cwd=scratch,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert completed.stdout.split() == [str(odd)]
 
 
 # The decoding process's own peak resident memory (VmHWM: ru_maxrss would carry the forking

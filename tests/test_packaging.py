@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 import os
 from pathlib import Path
 
@@ -178,3 +179,83 @@ def test_a_head_no_load_would_trust_is_refused_when_saved(tmp_path):
     with pytest.raises(DatasetError, match="ForeignClassifier"):
         HeadDataset(str(tmp_path / "head.skops"), Version(None, "v1")).save(head)
     assert not list(tmp_path.rglob("*.skops"))
+
+
+# Loads a packaged model in a fresh process, as a server would, predicts, and lists the files of
+# the project's modules that this imported.
+SERVED_PROJECT_MODULES = """
+import base64, json, sys
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+image = base64.b64encode(open(sys.argv[2], "rb").read()).decode()
+assert model.predict(pd.DataFrame({"image": [image]}))["error"].tolist() == [""]
+print(json.dumps(sorted(m.__file__ for n, m in list(sys.modules.items())
+                        if n.split(".")[0] == "transfer_learning" and getattr(m, "__file__", None))))
+"""
+
+
+def installed_closure(requirements: list[str]) -> set[str]:
+    """The distributions `requirements` install: each one and, recursively, what it requires."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: set[str] = set()
+    pending = [Requirement(line).name for line in requirements]
+    while pending:
+        name = canonicalize_name(pending.pop())
+        if name in found:
+            continue
+        found.add(name)
+        for line in metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(requirement.name)
+    return found
+
+
+def imported_packages(source_files: list[str]) -> set[str]:
+    """The top-level third-party packages these files import (anywhere in them, not only at
+    the top: a function-level import runs when that function does)."""
+    import ast
+    import sys
+
+    names = set()
+    for file in source_files:
+        for node in ast.walk(ast.parse(Path(file).read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"__future__", "transfer_learning"}
+
+
+def test_a_saved_model_states_pinned_requirements_that_cover_what_it_imports(
+    head_model, photos, tmp_path
+):
+    """MLflow is given the requirements (it infers none in a subprocess), and they are enough:
+    every package that the project's modules a served model loads import is installed by them."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    _, files = saved(head_model, tmp_path)
+    stated = (files / "image_model" / "requirements.txt").read_text().split()
+    assert f"torch=={metadata.version('torch')}" in stated
+    assert f"scikit-learn=={metadata.version('scikit-learn')}" in stated
+    assert not any(line.startswith(("kedro-viz", "kedro-mlflow")) for line in stated)
+    completed = subprocess.run(
+        [sys.executable, "-c", SERVED_PROJECT_MODULES, str(files / "image_model"), photos[1]],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    loaded = json.loads(completed.stdout.splitlines()[-1])
+    assert any(file.endswith("serving.py") for file in loaded)
+    owners = metadata.packages_distributions()
+    installed = installed_closure(stated)
+    for package in imported_packages(loaded):
+        distributions = {canonicalize_name(d) for d in owners.get(package, [])}
+        assert distributions & installed, f"{package} is imported when serving, not required"

@@ -29,6 +29,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 from scipy.fft import dctn
 
+from transfer_learning.file_cache import cached_file_facts
 from transfer_learning.images import DIGITS_SCHEME, digit_pixels
 
 logger = logging.getLogger(__name__)
@@ -67,17 +68,26 @@ class ImageHashes:
     comparable: np.ndarray  # (N,) bool
 
 
-def image_hashes(locations: list[str], workers: int = 8) -> ImageHashes:
-    """Both hashes of every image (files are read once; JPEGs decode at reduced scale)."""
+def image_hashes(locations: list[str], cache_dir: str | None = None) -> ImageHashes:
+    """Both hashes of every image (files are read once; JPEGs decode at reduced scale), reusing
+    those of unchanged files stored under `cache_dir` (see `file_cache`)."""
+    facts = cached_file_facts("file_hashes", locations, _read_hashes, cache_dir)
+    return ImageHashes(
+        facts["content"].tolist(),
+        perceptual_hashes(facts["grey"]),
+        facts["grey"],
+        facts["short_side"] >= HASH_SIDE,
+    )
+
+
+def _read_hashes(locations: list[str], workers: int = 8) -> dict[str, np.ndarray]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(_hash_one, locations, chunksize=256))
-    grey = np.stack([pixels for _, pixels, _ in results])
-    return ImageHashes(
-        [digest for digest, _, _ in results],
-        perceptual_hashes(grey),
-        grey,
-        np.array([short_side >= HASH_SIDE for _, _, short_side in results]),
-    )
+    return {
+        "content": np.array([digest for digest, _, _ in results]),
+        "grey": np.stack([pixels for _, pixels, _ in results]),
+        "short_side": np.array([short_side for _, _, short_side in results], dtype=np.int64),
+    }
 
 
 def _hash_one(location: str) -> tuple[str, np.ndarray, int]:
@@ -156,14 +166,15 @@ def aligned_correlation(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return best
 
 
-def find_duplicates(index: pd.DataFrame) -> pd.DataFrame:
+def find_duplicates(index: pd.DataFrame, cache_dir: str | None = None) -> pd.DataFrame:
     """One row per test image with an exact or near duplicate among the train and val images:
     its closest such image, the kind (`exact`: an identical file; `near`), the pHash
-    distance, the correlation and how many train/val images matched."""
+    distance, the correlation and how many train/val images matched. Hashes of files unchanged
+    since a run that stored them under `cache_dir` are reused."""
     test = index["split"].to_numpy() == "test"
     if not test.any() or test.all():
         return pd.DataFrame(columns=DUPLICATE_COLUMNS)
-    hashes = image_hashes(index["location"].tolist())
+    hashes = image_hashes(index["location"].tolist(), cache_dir)
     test_at, seen_at = np.flatnonzero(test), np.flatnonzero(~test)
     queries, matches, bits = candidate_pairs(hashes.perceptual[test_at], hashes.perceptual[seen_at])
     correlation = aligned_correlation(hashes.grey[test_at[queries]], hashes.grey[seen_at[matches]])

@@ -39,7 +39,6 @@ from transfer_learning.backbones import (
     resolve_image_size,
 )
 from transfer_learning.config import check_known_keys, require_known_keys, with_overrides
-from transfer_learning.datasets import write_atomically
 from transfer_learning.distributed import (
     SINGLE_PROCESS,
     DistributedSettings,
@@ -59,6 +58,7 @@ from transfer_learning.extraction import (
     image_loader,
     resolve_num_workers,
 )
+from transfer_learning.files import write_atomically
 from transfer_learning.tasks import MISSING, Tasks
 
 logger = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ from sklearn.model_selection import train_test_split
 
 from transfer_learning.config import check_known_keys
 from transfer_learning.duplicates import ON_DUPLICATE
+from transfer_learning.file_cache import cached_file_facts
 from transfer_learning.images import (
     DIGITS_SCHEME,
     IMAGE_EXTENSIONS,
@@ -67,6 +68,8 @@ class DataSettings:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     on_corrupt: str = "error"
+    # Each file's readability verdict and hashes, reused while the file is unchanged (None: off).
+    cache_dir: str | None = None
     # Test images duplicating train/val ones: warn | drop_from_test | error.
     on_duplicate: str = "warn"
     download_dir: str = "data/01_raw/torchvision"
@@ -151,7 +154,7 @@ def build_task_index(settings: DataSettings, seed: int) -> tuple[pd.DataFrame, T
             )
             frame, classes = _scan_image_folder(origin)
             tasks = Tasks({SINGLE_TASK: classes})
-        frame, skipped = _drop_unreadable(frame, settings.on_corrupt)
+        frame, skipped = _drop_unreadable(frame, settings)
         _require_images_per_class(frame, tasks.primary, origin)
     frame = assign_splits(frame, settings.val_fraction, settings.test_fraction, seed)
     if settings.imbalance_ratio is not None:
@@ -245,7 +248,7 @@ def index_target_images(
                 f"({', '.join(sorted(IMAGE_EXTENSIONS))})."
             )
         frame = pd.DataFrame({"location": files, "label": -1, "class_name": "", "split": "adapt"})
-    frame, skipped = _drop_unreadable(frame.reset_index(drop=True), settings.on_corrupt)
+    frame, skipped = _drop_unreadable(frame.reset_index(drop=True), settings)
     frame = frame.reset_index(drop=True)
     if frame["split"].isna().all():
         fraction = settings.target_test_fraction
@@ -517,28 +520,35 @@ def _scan_image_folder(root: Path) -> tuple[pd.DataFrame, list[str]]:
     return frame, classes
 
 
-def _drop_unreadable(frame: pd.DataFrame, on_corrupt: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    # Header checks are I/O bound: threads overlap the file opens.
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        reasons = list(pool.map(unreadable_reason, frame["location"], chunksize=256))
-    bad = np.array([reason is not None for reason in reasons])
+def _drop_unreadable(
+    frame: pd.DataFrame, settings: DataSettings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    reasons = cached_file_facts(
+        "readability", frame["location"].tolist(), _unreadable_reasons, settings.cache_dir
+    )["reason"]
+    bad = reasons != ""
     skipped = pd.DataFrame(
-        {
-            "location": frame["location"][bad].tolist(),
-            "reason": [reason for reason in reasons if reason is not None],
-        },
+        {"location": frame["location"][bad].tolist(), "reason": reasons[bad].tolist()},
         columns=SKIPPED_COLUMNS,
     )
     if skipped.empty:
         return frame, skipped
     listing = "\n".join(f"  {row.location}: {row.reason}" for row in skipped.itertuples())
-    if on_corrupt == "error":
+    if settings.on_corrupt == "error":
         raise DataSourceError(
             f"{len(skipped)} image file(s) cannot be read:\n{listing}\n"
             "Fix or remove them, or set data.on_corrupt=skip to leave them out."
         )
     logger.warning("Skipped %d unreadable image file(s):\n%s", len(skipped), listing)
     return frame[~bad], skipped
+
+
+def _unreadable_reasons(locations: list[str]) -> dict[str, np.ndarray]:
+    """Why each file cannot be read ("" when it can)."""
+    # Header checks are I/O bound: threads overlap the file opens.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        reasons = list(pool.map(unreadable_reason, locations, chunksize=256))
+    return {"reason": np.array([reason or "" for reason in reasons])}
 
 
 def _require_images_per_class(frame: pd.DataFrame, classes: list[str], root: Path) -> None:

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from transfer_learning.heads import TRUSTED_HEAD_TYPES
+from transfer_learning.requirements import image_model_requirements
 from transfer_learning.serving import ImageClassifier
 
 ENTRY = Path(__file__).with_name("packaged_model.py")
@@ -172,6 +173,7 @@ def save_image_model(
             python_model=str(ENTRY),
             artifacts=write_model_files(model, Path(scratch) / "files"),
             code_paths=list(code_paths) if code_paths else None,
+            pip_requirements=image_model_requirements(),
         )
         partial.rename(path)
 
@@ -190,6 +192,7 @@ def log_image_model(
             artifacts=write_model_files(model, Path(scratch)),
             code_paths=list(code_paths) if code_paths else None,
             registered_model_name=registered_model_name,
+            pip_requirements=image_model_requirements(),
         )
 
 

@@ -2,11 +2,14 @@
 
 from omegaconf.resolvers import oc
 
+from transfer_learning.requirements import head_requirements
+
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     # ${oc.env:...} lets mlflow.yml honour MLFLOW_TRACKING_URI.
-    "custom_resolvers": {"oc.env": oc.env},
+    # ${head_requirements:} states the MLflow head copy's pip requirements (none inferred).
+    "custom_resolvers": {"oc.env": oc.env, "head_requirements": head_requirements},
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]},
     # An environment (e.g. conf/seed) overrides parameters key by key, not whole top-level
     # blocks: `structure_transfer.finetune.lr` there keeps `structure_transfer.backbone` of base.

@@ -29,7 +29,7 @@ def index_images(
     """
     settings = DataSettings.from_params(data)
     index, tasks, skipped = build_task_index(settings, seed)
-    duplicates = find_duplicates(index)
+    duplicates = find_duplicates(index, settings.cache_dir)
     index = apply_duplicate_policy(index, duplicates, settings.on_duplicate)
     profile = profile_images(index, settings, seed)
     logger.info("Data profile (what auto settings follow): %s", profile)
