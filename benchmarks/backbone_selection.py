@@ -28,7 +28,10 @@ import pandas as pd
 import torch
 from scipy.stats import kendalltau
 
-from transfer_learning.backbone_selection import (
+from transfer_learning.data.index import build_image_index, profile_images
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.features.extraction import ExtractionSettings, extract_features
+from transfer_learning.features.selection import (
     Candidate,
     SelectionSettings,
     markdown_table,
@@ -36,11 +39,9 @@ from transfer_learning.backbone_selection import (
     selection_images,
     short_finetune_accuracy,
 )
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.extraction import ExtractionSettings, extract_features
-from transfer_learning.heads import HeadSettings, select_and_fit
-from transfer_learning.image_index import DataSettings, build_image_index, profile_images
-from transfer_learning.transferability import SCORES
+from transfer_learning.features.transferability import SCORES
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.models.heads import HeadSettings, select_and_fit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scoreboard import subset  # noqa: E402

@@ -7,11 +7,15 @@ MLflow's requirement inference (a subprocess that imports torch for every saved 
 as `mlflow.utils._capture_modules` subprocesses.
 
     python benchmarks/default_run.py --baseline dcc845f
+
+With a baseline it also compares the two runs' test metrics (every `<strategy>_metrics.json`
+value but the timings): a change that should not alter behaviour must leave them identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -89,6 +93,7 @@ def main() -> None:
         hooks.mkdir()
         (hooks / "sitecustomize.py").write_text(AUDIT_HOOK)
         versions = ([args.baseline] if args.baseline else []) + [None]
+        metrics: dict[str, dict] = {}
         print("| project | run | wall (s) | subprocesses | of them MLflow requirement inference |")
         print("|---|---|---|---|---|")
         for repeat in range(args.repeats):
@@ -101,6 +106,35 @@ def main() -> None:
                     f"{result['subprocesses']} | {result['requirement_inference']} |",
                     flush=True,
                 )
+                metrics[name] = run_metrics(copy)
+        if args.baseline:
+            differences = metric_differences(metrics[args.baseline], metrics["working tree"])
+            print(f"\nTest metrics of {args.baseline} and the working tree: ", end="")
+            print("identical" if not differences else "DIFFERENT\n" + "\n".join(differences))
+
+
+# Values that measure the run, not the model: they differ between any two runs.
+TIMING_KEYS = ("fit_seconds", "seconds", "images_per_second")
+
+
+def run_metrics(project: Path) -> dict[str, dict]:
+    """Every strategy's metrics file of the run in `project`, timings left out."""
+    reports = project / "data" / "08_reporting"
+    return {
+        path.name: {k: v for k, v in json.loads(path.read_text()).items() if k not in TIMING_KEYS}
+        for path in sorted(reports.glob("*_metrics.json"))
+    }
+
+
+def metric_differences(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
+    differences = [f"{name}: only in one run" for name in sorted(set(before) ^ set(after))]
+    for name in sorted(set(before) & set(after)):
+        for key in sorted(set(before[name]) | set(after[name])):
+            if before[name].get(key) != after[name].get(key):
+                differences.append(
+                    f"{name} {key}: {before[name].get(key)} → {after[name].get(key)}"
+                )
+    return differences
 
 
 if __name__ == "__main__":

@@ -21,16 +21,17 @@ import numpy as np
 import torch
 from torchvision import datasets
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.distributed import DistributedSettings
-from transfer_learning.extraction import ExtractionSettings, extract_features, resolve_device
-from transfer_learning.finetune import (
+from transfer_learning.core.distributed import DistributedSettings
+from transfer_learning.core.runtime import resolve_device
+from transfer_learning.features.extraction import ExtractionSettings, extract_features
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.training.recipe import (
     FinetuneSettings,
     Recipe,
     TrainingRunSettings,
     TrainValImages,
-    train_classifier,
 )
+from transfer_learning.training.trainer import train_classifier
 
 
 def timed(function):

@@ -34,22 +34,20 @@ import torch
 from kedro.config import OmegaConfigLoader
 from PIL import Image
 
-from transfer_learning.backbones import BackboneSettings, resolve_image_size
-from transfer_learning.image_index import (
-    DataSettings,
-    build_image_index,
-    index_target_images,
-    profile_images,
-)
+from transfer_learning.adaptation.registry import METHODS
+from transfer_learning.core.strategies import FEATURES
+from transfer_learning.data.index import build_image_index, index_target_images, profile_images
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.models.backbones import BackboneSettings, resolve_image_size
 from transfer_learning.pipelines.domain_adaptation import nodes as adaptation
 from transfer_learning.pipelines.feature_extraction.nodes import extract_image_features
 from transfer_learning.pipelines.feature_transfer.nodes import fit_head, split_features
-from transfer_learning.pipelines.parameter_transfer.nodes import (
+from transfer_learning.pipelines.templates.network_training.nodes import (
     resolve_recipe,
     split_train_val,
     train_model,
 )
-from transfer_learning.serving import probability_matrix
+from transfer_learning.serving.classifier import probability_matrix
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar10_c import CORRUPTIONS, corrupt  # noqa: E402
@@ -175,9 +173,10 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
         flush=True,
     )
 
-    from transfer_learning.backbones import build_backbone
-    from transfer_learning.extraction import ExtractionSettings, extract_features, resolve_device
-    from transfer_learning.pipelines.parameter_transfer.nodes import package_image_model
+    from transfer_learning.core.runtime import resolve_device
+    from transfer_learning.features.extraction import ExtractionSettings, extract_features
+    from transfer_learning.models.backbones import build_backbone
+    from transfer_learning.serving.packaging import network_image_model
 
     feature_network = build_backbone(BackboneSettings.from_params(backbone))
     extraction = ExtractionSettings.from_params(params["extraction"])
@@ -193,28 +192,30 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
         images = adaptation.select_adaptation_images(target_index)
         test = target_index[target_index["split"] == "test"].reset_index(drop=True)
         labels = test["label"].to_numpy()
-        methods = (
-            list(FEATURE_METHODS[1:])
-            + ["adabn", "tent"]
-            + (["mcc"] if target in mcc_targets else [])
-        )
+        methods = ["coral", "adabn", "tent"] + (["mcc"] if target in mcc_targets else [])
         adaptation_params = {**params["adaptation"], "methods": methods}
         target_features = adaptation.extract_target_features(
             images, backbone, params["extraction"], device
         )
-        shift = adaptation.measure_domain_shift(features, target_features, adaptation_params, seed)
-        heads = {
-            "source_only": head,
-            **adaptation.standardise_with_target(head, target_features, adaptation_params),
-            **adaptation.align_with_coral(
-                train_features,
-                val_features,
-                target_features,
-                params["head"],
-                adaptation_params,
-                seed,
-            ),
-        }
+        shift = adaptation.measure_domain_shift(
+            features, target_features, adaptation_params, seed, registry=METHODS
+        )
+        heads, networks = {"source_only": head}, {"source_only": checkpoint}
+        for method in METHODS:
+            if method.kind == FEATURES:
+                heads.update(
+                    adaptation.adapt_head(
+                        head, train_features, val_features, target_features, params["head"],
+                        adaptation_params, seed, method=method, registry=METHODS,
+                    )
+                )  # fmt: skip
+            else:
+                networks.update(
+                    adaptation.adapt_network(
+                        checkpoint, recipe, train_index, images, adaptation_params, seed, device,
+                        method=method, registry=METHODS,
+                    )
+                )  # fmt: skip
         test_features = np.asarray(
             extract_features(
                 feature_network, test["location"].tolist(), extraction, resolve_device(device)
@@ -225,20 +226,8 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
             row[f"feature_transfer.{method}"] = 1 - accuracy(
                 fitted.predict_proba(test_features), labels
             )
-        networks = {"source_only": checkpoint}
-        networks.update(
-            adaptation.adapt_batchnorm_statistics(checkpoint, images, adaptation_params, device)
-        )
-        networks.update(
-            adaptation.adapt_with_tent(checkpoint, images, adaptation_params, seed, device)
-        )
-        networks.update(
-            adaptation.adapt_with_mcc(
-                checkpoint, recipe, train_index, images, adaptation_params, seed, device
-            )
-        )
         for method, network in networks.items():
-            model = package_image_model(network, class_names, strategy=method)
+            model = network_image_model(network, class_names, method)
             predictions = model.predict_files(test["location"].tolist())
             probabilities = probability_matrix(predictions)
             row[f"parameter_transfer.{method}"] = 1 - accuracy(probabilities, labels)

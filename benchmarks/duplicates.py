@@ -2,7 +2,7 @@
 
 Barz & Denzler (2020, "Do we train on test data? Purging CIFAR of near-duplicates", ciFAIR)
 found that 3.3 % of the CIFAR-10 test images have an exact or near duplicate in its training
-set. This runs the project's detector (`transfer_learning.duplicates.find_duplicates`, what
+set. This runs the project's detector (`transfer_learning.data.duplicates.find_duplicates`, what
 ingestion runs) on all 60,000 images with CIFAR-10's split (50,000 train, 10,000 test) and prints
 the rate it finds beside that figure, and the wall time.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from transfer_learning.duplicates import find_duplicates
+from transfer_learning.data.duplicates import find_duplicates
 
 PUBLISHED_RATE = 0.033  # CIFAR-10 test images with a duplicate in train (ciFAIR)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/feature_extraction.py --data data/01_raw/cifar10_jpeg/test --image-size 64 --limit 10000
 
-(a) project: transfer_learning.extraction.extract_features (cache off), end to end from files;
+(a) project: transfer_learning.features.extraction.extract_features (cache off), end to end from files;
 (b) naive:   torchvision ImageFolder + PIL transforms, DataLoader(num_workers=2), fp32 NCHW, batch 64;
 (c) bound:   forward passes of the same network on random tensors already in memory: the best of
              both layouts and, on CPU, of one stream on all cores or one single-threaded stream
@@ -26,14 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.extraction import (
-    ExtractionSettings,
-    autocast_dtype,
-    extract_features,
-    resolve_device,
-    usable_cores,
-)
+from transfer_learning.core.runtime import autocast_dtype, resolve_device, usable_cores
+from transfer_learning.features.extraction import ExtractionSettings, extract_features
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
 
 
 def image_files(root: str, limit: int) -> tuple[datasets.ImageFolder, list[int]]:

@@ -19,17 +19,18 @@ import time
 import torch
 from torch import nn
 
-from transfer_learning.backbones import BackboneSettings
-from transfer_learning.extraction import resolve_device, usable_cores
-from transfer_learning.finetune import (
+from transfer_learning.core.runtime import resolve_device, usable_cores
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.models.backbones import BackboneSettings
+from transfer_learning.models.classifier import build_classifier
+from transfer_learning.training.recipe import (
     FinetuneSettings,
     Recipe,
     TrainingRunSettings,
     TrainValImages,
-    build_classifier,
-    train_classifier,
 )
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.training.trainer import train_classifier
 
 # name: (pretrained weights?, finetune keys)
 STRATEGIES = {

@@ -29,17 +29,18 @@ import pandas as pd
 import torch
 import yaml
 
-from transfer_learning.backbones import BackboneSettings, resolve_image_size
-from transfer_learning.extraction import usable_cores
-from transfer_learning.image_index import DataSettings, build_image_index, profile_images
-from transfer_learning.learning_curve import ALL, mean_and_interval
+from transfer_learning.core.runtime import usable_cores
+from transfer_learning.data.index import build_image_index, profile_images
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.models.backbones import BackboneSettings, resolve_image_size
 from transfer_learning.pipelines.feature_extraction.nodes import extract_image_features
 from transfer_learning.pipelines.learning_curve.nodes import (
     draw_curve_subsets,
-    feature_transfer_curve,
     finetuning_curve,
+    head_curve,
     report_learning_curve,
 )
+from transfer_learning.reporting.curves import ALL, mean_and_interval
 
 CONF = Path("conf/base")
 
@@ -98,7 +99,11 @@ def curve(args) -> None:
     subsets = draw_curve_subsets(index, params, args.seed)
     frames = []
     start = time.perf_counter()
-    frames.append(feature_transfer_curve(features, subsets, class_names, shipped("head"), params))
+    frames.append(
+        head_curve(
+            features, subsets, class_names, shipped("head"), params, strategy="feature_transfer"
+        )
+    )
     print(f"feature_transfer curve: {time.perf_counter() - start:.1f} s after extraction")
     for strategy in ("parameter_transfer", "structure_transfer"):
         start = time.perf_counter()
@@ -141,8 +146,13 @@ def heads(args) -> None:
     subsets = draw_curve_subsets(index, params, args.seed)
     rows = []
     for head_type in ("prototype", "logistic_regression", "auto"):
-        frame = feature_transfer_curve(
-            features, subsets, class_names, {**shipped("head"), "type": head_type}, params
+        frame = head_curve(
+            features,
+            subsets,
+            class_names,
+            {**shipped("head"), "type": head_type},
+            params,
+            strategy="feature_transfer",
         )
         rows.append(frame.assign(head_setting=head_type))
     table = pd.concat(rows)
@@ -182,12 +192,13 @@ def long_tail(args) -> None:
         if "feature_transfer" in args.strategies:
             for name, correction in HEAD_CORRECTIONS.items():
                 start = time.perf_counter()
-                frame = feature_transfer_curve(
+                frame = head_curve(
                     features,
                     subsets,
                     class_names,
                     {**shipped("head"), **correction},
                     {**full, "strategies": ["feature_transfer"]},
+                    strategy="feature_transfer",
                 )
                 results.append(_row(ratio, "feature_transfer", name, frame, start))
         if "parameter_transfer" in args.strategies:

@@ -20,15 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.extraction import (
-    ExtractionSettings,
-    extract_features,
-    resolve_device,
-    usable_cores,
-)
-from transfer_learning.heads import HeadSettings, select_and_fit
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.core.runtime import resolve_device, usable_cores
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.features.extraction import ExtractionSettings, extract_features
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.models.heads import HeadSettings, select_and_fit
 
 VAL_PER_CLASS = 100
 

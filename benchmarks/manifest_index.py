@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
 
 
 def write_manifest(root: Path, where: Path) -> int:

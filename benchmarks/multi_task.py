@@ -29,18 +29,17 @@ import torch
 import yaml
 from sklearn.model_selection import train_test_split
 
-from transfer_learning.extraction import usable_cores
-from transfer_learning.image_index import DataSettings, build_task_index, profile_images
-from transfer_learning.packaging import save_image_model
-from transfer_learning.pipelines.evaluation.nodes import (
-    evaluate_test_predictions,
-    score_test_split,
-)
-from transfer_learning.pipelines.parameter_transfer.nodes import (
-    package_image_model,
+from transfer_learning.core.runtime import usable_cores
+from transfer_learning.data.index import build_task_index, profile_images
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.pipelines.evaluation.nodes import evaluate_test_predictions
+from transfer_learning.pipelines.templates.network_training.nodes import (
+    package_network_model,
     resolve_recipe,
     train_model,
 )
+from transfer_learning.serving.packaging import save_image_model
+from transfer_learning.serving.scoring import score_test_split
 
 COARSE = {
     "cifar10": (
@@ -136,7 +135,7 @@ def run(
         STRATEGY,
     )
     seconds = time.perf_counter() - started
-    model = package_image_model(checkpoint, class_names, STRATEGY)
+    model = package_network_model(checkpoint, class_names, STRATEGY)
     folder = out / ("model_" + "_".join(label_columns) + "_" + task_weights)
     save_image_model(model, folder)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
@@ -185,7 +184,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     # The shipped recipe (every `auto` resolved from the data, as a kedro run resolves it).
-    shipped = Path(__file__).parents[1] / "conf/base/parameters_parameter_transfer.yml"
+    shipped = Path(__file__).parents[1] / "conf/base/parameters_finetune.yml"
     args.finetune = yaml.safe_load(shipped.read_text())["finetune"]
     print(
         f"{platform.processor() or platform.machine()}, {usable_cores()} cores, torch "

@@ -43,10 +43,10 @@ import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from transfer_learning.backbones import BackboneSettings
-from transfer_learning.finetune import build_classifier
-from transfer_learning.packaging import save_image_model
-from transfer_learning.serving import MAX_PIXELS_VARIABLE, ImageClassifier
+from transfer_learning.models.backbones import BackboneSettings
+from transfer_learning.models.classifier import build_classifier
+from transfer_learning.serving.classifier import MAX_PIXELS_VARIABLE, ImageClassifier
+from transfer_learning.serving.packaging import save_image_model
 
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 SERVER_MAX_PIXELS = 4_000_000

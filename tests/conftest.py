@@ -74,7 +74,7 @@ def backbone_choice_inputs(seed: int = 0) -> dict:
     no backbone ranking saved yet (the catalog's optional dataset), default selection settings."""
     from kedro.io import MemoryDataset
 
-    from transfer_learning.datasets import TableDataset
+    from transfer_learning.kedro_io.datasets import TableDataset
 
     never_saved = PROJECT_ROOT / "tests" / "never_saved" / "backbone_ranking.csv"
     return {

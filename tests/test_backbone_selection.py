@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from tests.conftest import backbone_choice_inputs
-from transfer_learning.backbone_selection import (
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.features.extraction import ExtractionSettings
+from transfer_learning.features.selection import (
     SelectionError,
     SelectionSettings,
     chosen_backbone,
@@ -19,9 +22,7 @@ from transfer_learning.backbone_selection import (
     score_quality,
     selection_images,
 )
-from transfer_learning.backbones import BackboneError
-from transfer_learning.extraction import ExtractionSettings
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.models.backbones import BackboneError
 from transfer_learning.pipelines.feature_extraction.nodes import resolve_backbone
 
 NO_CACHE = ExtractionSettings(cache_dir=None, progress=False)

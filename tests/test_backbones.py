@@ -3,14 +3,14 @@ import torch
 from sklearn.datasets import load_sample_images
 from torchvision.models import ResNet18_Weights
 
-from transfer_learning.backbones import (
+from transfer_learning.data.loading import EvalTransform, Normaliser
+from transfer_learning.models.backbones import (
     BackboneError,
     BackboneSettings,
     auto_image_size,
     build_backbone,
     resolve_image_size,
 )
-from transfer_learning.extraction import EvalTransform, Normaliser
 
 IMAGENET = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 

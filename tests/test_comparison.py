@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from matplotlib.colors import to_rgba
 
-from transfer_learning.comparison import (
+from transfer_learning.reporting.comparison import (
     FALLBACK_COLOUR,
     Control,
     comparison_figure,

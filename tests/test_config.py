@@ -6,14 +6,14 @@ import pytest
 from kedro.config import OmegaConfigLoader
 
 from tests.conftest import PROJECT_ROOT
-from transfer_learning.backbones import BackboneSettings
-from transfer_learning.domain_adaptation import AdaptationSettings
-from transfer_learning.extraction import ExtractionSettings
-from transfer_learning.finetune import Recipe, TrainingRunSettings
-from transfer_learning.heads import HeadSettings
-from transfer_learning.image_index import DataSettings
-from transfer_learning.learning_curve import CurveSettings
+from transfer_learning.adaptation.registry import AdaptationSettings
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.features.extraction import ExtractionSettings
+from transfer_learning.models.backbones import BackboneSettings
+from transfer_learning.models.heads import HeadSettings
+from transfer_learning.reporting.curves import CurveSettings
 from transfer_learning.settings import CONFIG_LOADER_ARGS
+from transfer_learning.training.recipe import Recipe, TrainingRunSettings
 
 
 def parameters(env: str) -> dict:
@@ -30,7 +30,9 @@ def test_shipped_parameters_are_all_known_and_valid(env):
     ExtractionSettings.from_params(params["extraction"])
     HeadSettings.from_params(params["head"])
     TrainingRunSettings.from_params(params["training"])
-    assert AdaptationSettings.from_params(params["adaptation"]) == AdaptationSettings()
+    assert AdaptationSettings.from_params(params["adaptation"]) == AdaptationSettings.from_params(
+        {}
+    )
     assert CurveSettings.from_params(params["curve"]) == CurveSettings()
     assert HeadSettings.from_params(params["head"]).type == HeadSettings().type == "auto"
     for strategy in ("parameter_transfer", "structure_transfer"):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from kedro.io import DatasetError, Version
 
-from transfer_learning.datasets import ArraysDataset, TableDataset, TorchCheckpointDataset
-from transfer_learning.files import write_atomically
+from transfer_learning.core.files import write_atomically
+from transfer_learning.kedro_io.datasets import ArraysDataset, TableDataset, TorchCheckpointDataset
 
 
 def test_arrays_round_trip_and_versions_never_overwrite(tmp_path):

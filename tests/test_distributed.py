@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.distributed import (
+from transfer_learning.core.distributed import (
     DistributedError,
     DistributedSettings,
     ProcessContext,
@@ -28,18 +27,24 @@ from transfer_learning.distributed import (
     launch,
     synchronise_batchnorm,
 )
-from transfer_learning.extraction import ExtractionError, ExtractionSettings, extract_features
-from transfer_learning.finetune import (
-    EpochOrder,
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.features.extraction import (
+    ExtractionError,
+    ExtractionSettings,
+    extract_features,
+)
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.models.classifier import build_classifier
+from transfer_learning.training.data import EpochOrder
+from transfer_learning.training.recipe import (
     FinetuneSettings,
     Recipe,
     TrainingError,
     TrainingRunSettings,
     TrainValImages,
-    build_classifier,
-    train_classifier,
 )
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.training.trainer import train_classifier
 
 CPU = torch.device("cpu")
 TWO_PROCESSES = DistributedSettings(nproc_per_node=2)
@@ -279,7 +284,7 @@ def test_a_run_killed_on_two_processes_resumes_on_one_to_the_same_weights(tmp_pa
 @pytest.mark.slow
 def test_a_second_node_joins_with_the_module_command_and_extracts_its_shard(tmp_path):
     """Two "nodes" on this machine: this process is node 0 (as `kedro run` would be), a
-    `python -m transfer_learning.distributed` process is node 1."""
+    `python -m transfer_learning.core.distributed` process is node 1."""
     backbone = build_backbone(BackboneSettings(image_size=48))
     index, _, _ = build_image_index(DataSettings(), seed=0)
     locations = index["location"].tolist()[:200]
@@ -288,7 +293,7 @@ def test_a_second_node_joins_with_the_module_command_and_extracts_its_shard(tmp_
         probe.bind(("127.0.0.1", 0))
         endpoint = f"127.0.0.1:{probe.getsockname()[1]}"
     node_1 = subprocess.Popen(
-        [sys.executable, "-m", "transfer_learning.distributed", "--nnodes", "2",
+        [sys.executable, "-m", "transfer_learning.core.distributed", "--nnodes", "2",
          "--node-rank", "1", "--rdzv-endpoint", endpoint, "--device", "cpu"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

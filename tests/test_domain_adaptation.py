@@ -14,24 +14,20 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from tests.conftest import write_image
-from transfer_learning.backbones import Preprocessing
-from transfer_learning.domain_adaptation import (
-    AdaptationError,
-    AdaptationSettings,
-    CoralTransform,
-    TargetImages,
-    TentSettings,
-    adapt_batchnorm,
-    batchnorm_layers,
-    domain_shift,
-    mcc_loss,
-    prediction_entropy,
-    should_run,
-    tent,
-    with_target_standardisation,
-)
-from transfer_learning.extraction import EvalCollate, Normaliser
-from transfer_learning.image_index import DataSettings, DataSourceError, index_target_images
+from transfer_learning.adaptation.adabn import adapt_batchnorm
+from transfer_learning.adaptation.base import AdaptationError
+from transfer_learning.adaptation.coral import CoralTransform
+from transfer_learning.adaptation.mcc import mcc_loss
+from transfer_learning.adaptation.network import TargetImages, batchnorm_layers
+from transfer_learning.adaptation.registry import METHODS, AdaptationSettings, should_run
+from transfer_learning.adaptation.shift import domain_shift
+from transfer_learning.adaptation.standardise import with_target_standardisation
+from transfer_learning.adaptation.tent import TentSettings, prediction_entropy, tent
+from transfer_learning.data.index import index_target_images
+from transfer_learning.data.loading import EvalCollate, Normaliser, Preprocessing
+from transfer_learning.data.settings import DataSettings, DataSourceError
+
+METHOD = {method.name: method for method in METHODS}
 
 # ---- settings --------------------------------------------------------------------------------
 
@@ -43,20 +39,25 @@ def test_settings_name_the_bad_key_or_value():
         AdaptationSettings.from_params({"methods": ["coral", "dann"]})
     with pytest.raises(AdaptationError, match=r"adaptation\.mcc\.steps=0"):
         AdaptationSettings.from_params({"mcc": {"steps": 0}})
+    with pytest.raises(AdaptationError, match=r"adaptation\.coral_regularisation is not a setting"):
+        AdaptationSettings.from_params({"coral_regularisation": 0.5})
     settings = AdaptationSettings.from_params({"methods": "coral", "tent": {"epochs": 2}})
-    assert settings.methods == ("coral",) and settings.tent == TentSettings(epochs=2)
+    assert settings.methods == ("coral",) and settings.of(METHOD["tent"]) == TentSettings(epochs=2)
+    assert (
+        settings.of(METHOD["coral"]).regularisation == 1.0 and settings.of(METHOD["adabn"]) is None
+    )
 
 
 def test_batchnorm_methods_are_left_out_under_auto_and_refused_when_named(caplog):
     auto = AdaptationSettings.from_params({})
     with caplog.at_level(logging.INFO):
-        assert not should_run("tent", auto, has_batchnorm=False)
+        assert not should_run(METHOD["tent"], auto, has_batchnorm=False)
     assert "no BatchNorm" in caplog.text
-    assert should_run("mcc", auto, has_batchnorm=False)
+    assert should_run(METHOD["mcc"], auto, has_batchnorm=False)
     named = AdaptationSettings.from_params({"methods": ["adabn"]})
     with pytest.raises(AdaptationError, match="adabn, which needs BatchNorm"):
-        should_run("adabn", named, has_batchnorm=False)
-    assert not should_run("coral", named)
+        should_run(METHOD["adabn"], named, has_batchnorm=False)
+    assert not should_run(METHOD["coral"], named)
 
 
 # ---- the shift measure -----------------------------------------------------------------------

@@ -14,8 +14,9 @@ from kedro.runner import SequentialRunner
 from PIL import Image, ImageEnhance
 from sklearn.datasets import load_sample_images
 
-from transfer_learning.duplicates import LeakageError, apply_duplicate_policy, find_duplicates
-from transfer_learning.image_index import DataSettings, DataSourceError, build_image_index
+from transfer_learning.data.duplicates import LeakageError, apply_duplicate_policy, find_duplicates
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings, DataSourceError
 from transfer_learning.pipelines.data_ingestion import create_pipeline
 
 

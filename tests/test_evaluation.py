@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from transfer_learning.evaluation import (
+from transfer_learning.reporting.evaluation import (
     align_probabilities,
     evaluate_predictions,
     expected_calibration_error,

@@ -5,16 +5,15 @@ import pytest
 import torch
 
 from tests.conftest import write_image
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.extraction import (
-    EvalCollate,
+from transfer_learning.core.runtime import DeviceError, resolve_device
+from transfer_learning.data.images import load_rgb_tensor
+from transfer_learning.data.loading import EvalCollate, ImageReadError, Normaliser
+from transfer_learning.features.extraction import (
     ExtractionError,
     ExtractionSettings,
-    Normaliser,
     extract_features,
-    resolve_device,
 )
-from transfer_learning.images import load_rgb_tensor
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +71,16 @@ def test_a_corrupt_file_names_itself(backbone, tmp_path, files):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     settings = ExtractionSettings(batch_size=2, num_workers=0, cache_dir=None, progress=False)
-    with pytest.raises(ExtractionError, match="broken.png"):
+    with pytest.raises(ImageReadError, match="broken.png"):
         extract_features(backbone, [*files, str(broken)], settings, torch.device("cpu"))
 
 
 def test_device_choices():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ExtractionError, match="device='tpu'"):
+    with pytest.raises(DeviceError, match="device='tpu'"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ExtractionError, match="device=cuda but PyTorch sees no CUDA GPU"):
+        with pytest.raises(DeviceError, match="device=cuda but PyTorch sees no CUDA GPU"):
             resolve_device("cuda")
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_image
-from transfer_learning.duplicates import image_hashes
-from transfer_learning.file_cache import cached_file_facts
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.core.file_cache import cached_file_facts
+from transfer_learning.data.duplicates import image_hashes
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
 
 
 class CountingSize:

@@ -15,18 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer_learning.backbones import BackboneError, BackboneSettings, build_backbone
-from transfer_learning.finetune import (
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.models.backbones import BackboneError, BackboneSettings, build_backbone
+from transfer_learning.models.classifier import build_classifier
+from transfer_learning.training.optim import parameter_groups
+from transfer_learning.training.recipe import (
     FinetuneSettings,
     Recipe,
     TrainingError,
     TrainingRunSettings,
     TrainValImages,
-    build_classifier,
-    parameter_groups,
-    train_classifier,
 )
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.training.trainer import train_classifier
 
 TINY = BackboneSettings(image_size=32)
 
@@ -187,7 +188,7 @@ RUNNER = textwrap.dedent(
     import json, pathlib, sys, torch
     sys.path.insert(0, {tests!r})
     from test_finetune import digits, recipe, run_settings
-    from transfer_learning.finetune import train_classifier
+    from transfer_learning.training.trainer import train_classifier
     result = train_classifier(
         digits(), 10, recipe(epochs=4),
         run_settings(pathlib.Path({checkpoints!r}), resume={resume}),

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.distributed import DistributedSettings
-from transfer_learning.extraction import ExtractionSettings, extract_features
+from transfer_learning.core.distributed import DistributedSettings
+from transfer_learning.features.extraction import ExtractionSettings, extract_features
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None

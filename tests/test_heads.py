@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_classification
 
-from transfer_learning.heads import (
+from transfer_learning.models.heads import (
     TRUSTED_HEAD_TYPES,
     HeadError,
     HeadSettings,

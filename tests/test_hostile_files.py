@@ -23,8 +23,9 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from tests.conftest import write_image
-from transfer_learning.image_index import DataSettings, DataSourceError, build_image_index
-from transfer_learning.images import load_rgb_tensor
+from transfer_learning.data.images import load_rgb_tensor
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings, DataSourceError
 
 
 def photo() -> Image.Image:
@@ -148,7 +149,7 @@ def test_a_symlink_loop_in_the_tree_does_not_hang_the_index(tmp_path):
 # Indexes the folder given as argv[1] with on_corrupt=skip; prints the skipped files.
 INDEX_AND_LIST_SKIPPED = """
 import sys
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.data.index import DataSettings, build_image_index
 settings = DataSettings.from_params({"source": "imagefolder", "path": sys.argv[1], "on_corrupt": "skip"})
 print("\\n".join(build_image_index(settings, seed=0)[2]["location"]))
 """
@@ -164,7 +165,7 @@ def as_unprivileged_user() -> list[str]:
 
 def test_a_file_without_read_permission_is_skipped():
     reachable = subprocess.run(
-        [*as_unprivileged_user(), sys.executable, "-c", "import transfer_learning.image_index"],
+        [*as_unprivileged_user(), sys.executable, "-c", "import transfer_learning.data.index"],
         capture_output=True, text=True, timeout=300, cwd="/",
     )  # fmt: skip
     if reachable.returncode != 0:  # e.g. a checkout in a folder only root may enter
@@ -192,7 +193,7 @@ def test_a_file_without_read_permission_is_skipped():
 # test process's peak over the exec).
 HUGE_PHOTO_RSS = """
 import sys
-from transfer_learning.images import load_rgb_tensor
+from transfer_learning.data.images import load_rgb_tensor
 image = load_rgb_tensor(sys.argv[1], min_size=224)
 status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
 print(image.shape[1], image.shape[2], status)

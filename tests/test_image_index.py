@@ -3,12 +3,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from transfer_learning.image_index import (
-    DataSettings,
-    DataSourceError,
-    build_image_index,
-    profile_images,
-)
+from transfer_learning.data.index import build_image_index, profile_images
+from transfer_learning.data.settings import DataSettings, DataSourceError
 
 
 def index(**params):

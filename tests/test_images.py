@@ -5,9 +5,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from tests.conftest import write_image
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.extraction import ExtractionSettings, extract_features
-from transfer_learning.images import (
+from transfer_learning.data.images import (
     decode_image_bytes,
     exif_orientation,
     load_rgb,
@@ -15,6 +13,8 @@ from transfer_learning.images import (
     to_rgb,
     unreadable_reason,
 )
+from transfer_learning.features.extraction import ExtractionSettings, extract_features
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
 
 CPU = torch.device("cpu")
 

@@ -11,24 +11,17 @@ from scipy import stats
 from sklearn.datasets import load_digits, make_classification
 from sklearn.metrics import balanced_accuracy_score
 
-from transfer_learning.datasets import MlflowChildRunsDataset
-from transfer_learning.finetune import (
-    FinetuneSettings,
-    TrainingData,
-    TrainingError,
-    batch_mixing,
-    class_prior,
-    training_loss,
-)
-from transfer_learning.heads import (
+from transfer_learning.data.index import long_tailed
+from transfer_learning.data.settings import DataSettings, DataSourceError
+from transfer_learning.kedro_io.datasets import MlflowChildRunsDataset
+from transfer_learning.models.heads import (
     HeadError,
     HeadSettings,
     PriorAdjusted,
     PrototypeClassifier,
     select_and_fit,
 )
-from transfer_learning.image_index import DataSettings, DataSourceError, long_tailed
-from transfer_learning.learning_curve import (
+from transfer_learning.reporting.curves import (
     ALL,
     CurveError,
     CurveSettings,
@@ -40,6 +33,9 @@ from transfer_learning.learning_curve import (
     report,
     summarise,
 )
+from transfer_learning.training.data import TrainingData
+from transfer_learning.training.losses import batch_mixing, class_prior, training_loss
+from transfer_learning.training.recipe import FinetuneSettings, TrainingError
 
 # ---- nested subsets ----------------------------------------------------------------------------
 
@@ -127,7 +123,7 @@ def test_crossing_point_is_where_fine_tuning_stays_ahead():
             }
         )
     )
-    assert crossing_point(summary) == ALL
+    assert crossing_point(summary, "feature_transfer", "parameter_transfer") == ALL
     assert (
         summary.loc[0, "accuracy_low"]
         < summary.loc[0, "accuracy"]
@@ -136,7 +132,7 @@ def test_crossing_point_is_where_fine_tuning_stays_ahead():
     text = report(summary, test_images=500)
     assert "from **all labelled images per class**" in text and "500 test images" in text
     never = summarise(curve_rows({"feature_transfer": [0.6] * 4, "parameter_transfer": [0.5] * 4}))
-    assert crossing_point(never) is None
+    assert crossing_point(never, "feature_transfer", "parameter_transfer") is None
     assert "does not overtake" in report(never, 500)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from transfer_learning.image_index import DataSettings, DataSourceError, build_image_index
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings, DataSourceError
 
 
 @pytest.fixture

@@ -15,27 +15,26 @@ from kedro.runner import SequentialRunner
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from transfer_learning.backbones import BackboneSettings
-from transfer_learning.finetune import (
-    FinetuneSettings,
-    MultiTaskLoss,
-    Recipe,
-    TrainingError,
-    TrainingRunSettings,
-    TrainValImages,
-    train_classifier,
-    training_criterion,
-    training_loss,
-)
-from transfer_learning.image_index import DataSettings, DataSourceError, build_task_index
-from transfer_learning.packaging import load_image_model, save_image_model
+from transfer_learning.core.tasks import MISSING, Tasks, task_label_column
+from transfer_learning.data.index import build_task_index
+from transfer_learning.data.settings import DataSettings, DataSourceError
+from transfer_learning.models.backbones import BackboneSettings
 from transfer_learning.pipelines.data_ingestion.nodes import index_images
 from transfer_learning.pipelines.evaluation import evaluation_for
 from transfer_learning.pipelines.feature_extraction.nodes import extract_image_features
 from transfer_learning.pipelines.feature_transfer import create_pipeline as feature_transfer
 from transfer_learning.pipelines.learning_curve.nodes import draw_curve_subsets
-from transfer_learning.pipelines.parameter_transfer import finetuning_pipeline
-from transfer_learning.tasks import MISSING, Tasks, task_label_column
+from transfer_learning.pipelines.templates.network_training import network_training_pipeline
+from transfer_learning.serving.packaging import load_image_model, save_image_model
+from transfer_learning.training.losses import MultiTaskLoss, training_criterion, training_loss
+from transfer_learning.training.recipe import (
+    FinetuneSettings,
+    Recipe,
+    TrainingError,
+    TrainingRunSettings,
+    TrainValImages,
+)
+from transfer_learning.training.trainer import train_classifier
 
 N_IMAGES = 400
 RECIPE = {"epochs": 6, "batch_size": 16, "hflip": False, "patience": None}
@@ -316,7 +315,7 @@ def test_fine_tuning_trains_one_network_for_every_task(digits_manifest, tmp_path
             f"params:{strategy}": {},
         },
     )
-    outputs = _run(strategy, finetuning_pipeline(strategy), catalog)
+    outputs = _run(strategy, network_training_pipeline(strategy), catalog)
     network = outputs[f"{strategy}.image_model"].network_state
     assert network["head.weight"].shape[0] == 12  # one head: 10 digits and 2 parities side by side
     summary = outputs[f"{strategy}.training_summary"]

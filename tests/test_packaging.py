@@ -17,11 +17,11 @@ from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.datasets import load_sample_images, make_classification
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.datasets import HeadDataset, ImageModelDataset
-from transfer_learning.heads import HeadSettings, select_and_fit
-from transfer_learning.packaging import ModelFileError, head_bytes, local_image_classifier
-from transfer_learning.serving import ImageClassifier
+from transfer_learning.kedro_io.datasets import HeadDataset, ImageModelDataset
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.models.heads import HeadSettings, select_and_fit
+from transfer_learning.serving.classifier import ImageClassifier
+from transfer_learning.serving.packaging import ModelFileError, head_bytes, local_image_classifier
 
 CLASSES = ["china", "flower"]
 LATEST = Version(None, None)  # what `versioned: true` gives a catalog entry
@@ -253,7 +253,7 @@ def test_a_saved_model_states_pinned_requirements_that_cover_what_it_imports(
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     loaded = json.loads(completed.stdout.splitlines()[-1])
-    assert any(file.endswith("serving.py") for file in loaded)
+    assert any(file.endswith("serving/classifier.py") for file in loaded)
     owners = metadata.packages_distributions()
     installed = installed_closure(stated)
     for package in imported_packages(loaded):

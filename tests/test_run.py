@@ -39,7 +39,7 @@ from tests.kedro_project import (
     versions,
 )
 from tests.oracles import classification_metrics, colours_in_png
-from transfer_learning.files import load_arrays
+from transfer_learning.core.files import load_arrays
 from transfer_learning.strategies import STRATEGIES, STRATEGY_NAMES
 
 # Every test here runs `kedro run` in a subprocess: minutes, not seconds.
@@ -397,7 +397,7 @@ def test_two_runs_started_at_once_both_finish_with_intact_outputs(default_run):
     """Two `kedro run`s of the same pipeline at once in one project: both extract the same
     (uncached) features into the shared cache, log to the one SQLite MLflow database and
     register the same model name."""
-    from transfer_learning.packaging import load_image_model, local_image_classifier
+    from transfer_learning.serving.packaging import load_image_model, local_image_classifier
 
     project = default_run.project
     client = mlflow_client(project)

@@ -13,9 +13,9 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.transforms import v2
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.finetune import build_classifier
-from transfer_learning.serving import (
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.models.classifier import build_classifier
+from transfer_learning.serving.classifier import (
     ALLOW_PATHS_VARIABLE,
     ERRORS,
     MAX_BYTES_VARIABLE,

@@ -7,11 +7,13 @@ from kedro.runner import SequentialRunner
 
 from tests import toy_strategy
 from tests.conftest import backbone_choice_inputs
+from transfer_learning.core.strategies import FEATURES, StrategyFacts
 from transfer_learning.pipeline_registry import build_pipelines, register_pipelines
 from transfer_learning.strategies import STRATEGIES, STRATEGY_NAMES, Strategy
 
 TOY = Strategy(
-    toy_strategy.NAME, "features → k nearest neighbours", "#C44E52", toy_strategy.create_pipeline
+    StrategyFacts(toy_strategy.NAME, FEATURES, "features → k nearest neighbours", "#C44E52"),
+    toy_strategy.create_pipeline,
 )
 
 

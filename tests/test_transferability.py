@@ -6,7 +6,7 @@ from scipy.stats import multivariate_normal
 from sklearn.covariance import LedoitWolf
 from sklearn.datasets import load_digits
 
-from transfer_learning.transferability import (
+from transfer_learning.features.transferability import (
     h_score,
     knn_accuracy,
     leep,

@@ -11,8 +11,8 @@ import numpy as np
 from kedro.pipeline import Node, Pipeline
 from sklearn.neighbors import KNeighborsClassifier
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.serving import ImageClassifier
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.serving.classifier import ImageClassifier
 
 NAME = "nearest_neighbour_transfer"
 

@@ -1,7 +1,7 @@
 """Project pipelines, assembled from the strategy registry (`strategies.STRATEGIES`).
 
 Each strategy's pipeline runs everything it needs, from ingestion to its evaluation, so that
-`kedro run --pipelines=feature_transfer` works on a fresh clone: the shared stages a strategy
+`kedro run --pipelines=<strategy>` works on a fresh clone: the shared stages a strategy
 needs are found from its inputs, not listed by hand. The pipelines are composed here directly
 rather than through `find_pipelines`, which in Kedro 1.7 loads only the pipelines named on the
 command line and so cannot compose them.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Pipeline
 
-from transfer_learning.domain_adaptation import ADAPTED_MODEL_NAMES
+from transfer_learning.adaptation.registry import METHODS, adapted_model_names
 from transfer_learning.pipelines import (
     backbone_selection,
     comparison,
@@ -55,20 +55,19 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
         "comparison": compare,
         **({"domain_adaptation": adaptation} if adaptation is not None else {}),
         "learning_curve": shared.to_outputs(*(curve.inputs() & shared.all_outputs())) + curve,
-        "predict": predict.create_pipeline([*names, *ADAPTED_MODEL_NAMES]),
+        "predict": predict.create_pipeline([*names, *adapted_model_names(METHODS)]),
         "__default__": sum(per_strategy.values(), Pipeline([])) + compare,
     }
 
 
 def _domain_adaptation(shared: Pipeline, strategies: Sequence[Strategy]) -> Pipeline | None:
-    """Source training of the two strategies it adapts, then the adaptation; the shared stages
-    only as far as they are needed."""
+    """Source training of the strategies it adapts (the pretrained one of each kind), then the
+    adaptation; the shared stages only as far as they are needed."""
     by_name = {strategy.name: strategy for strategy in strategies}
-    if not {"feature_transfer", "parameter_transfer"} <= set(by_name):
+    sources = domain_adaptation.source_strategies()
+    if not set(sources) <= set(by_name):
         return None
-    own = (
-        by_name["feature_transfer"].create_pipeline()
-        + by_name["parameter_transfer"].create_pipeline()
-        + domain_adaptation.create_pipeline()
+    own = sum(
+        (by_name[name].create_pipeline() for name in sources), domain_adaptation.create_pipeline()
     )
     return shared.to_outputs(*(own.inputs() & shared.all_outputs())) + own

@@ -2,7 +2,7 @@
 
 from omegaconf.resolvers import oc
 
-from transfer_learning.requirements import head_requirements
+from transfer_learning.serving.requirements import head_requirements
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
@@ -12,6 +12,6 @@ CONFIG_LOADER_ARGS = {
     "custom_resolvers": {"oc.env": oc.env, "head_requirements": head_requirements},
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]},
     # An environment (e.g. conf/seed) overrides parameters key by key, not whole top-level
-    # blocks: `structure_transfer.finetune.lr` there keeps `structure_transfer.backbone` of base.
+    # blocks: `<strategy>.finetune.lr` there keeps `<strategy>.backbone` of base.
     "merge_strategy": {"parameters": "soft"},
 }

@@ -1,10 +1,11 @@
-"""The strategy registry: each transfer strategy declared once.
+"""The strategy registry: each transfer strategy declared once, with its pipeline.
 
 Everything that concerns "all strategies" — the pipeline registry, evaluation, the comparison,
-predict's choice of model, the notebook — iterates over `STRATEGIES`. A strategy is one module
-under `pipelines/` whose `create_pipeline()` ends in two datasets of its namespace:
-`<name>.image_model` (the deployable `serving.ImageClassifier`) and `<name>.training_summary`
-(with `fit_seconds` and `trainable_parameters`). Adding one is that module plus one line below.
+predict's choice of model — iterates over `STRATEGIES`. A strategy is one module under
+`pipelines/` whose `create_pipeline()` ends in two datasets of its namespace:
+`<name>.image_model` (the deployable `serving.classifier.ImageClassifier`) and
+`<name>.training_summary` (with `fit_seconds` and `trainable_parameters`). Adding one is that
+module, its facts in `core/strategies.py` (name, kind, colour) and one line below.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from kedro.pipeline import Pipeline
 
+from transfer_learning.core.strategies import BY_NAME, StrategyFacts
 from transfer_learning.pipelines import (
     feature_transfer,
     parameter_transfer,
@@ -23,35 +25,30 @@ from transfer_learning.pipelines import (
 
 @dataclass(frozen=True)
 class Strategy:
-    name: str  # the namespace of its datasets and parameters, and its name in every report
-    description: str
-    colour: str  # its bars in comparison.png
+    facts: StrategyFacts
     create_pipeline: Callable[[], Pipeline]  # training → <name>.image_model, .training_summary
-    control_for: str | None = None  # a strategy this one is the control of
-    control_shows: str = ""  # what the accuracy gap to `control_for` measures
+
+    @property
+    def name(self) -> str:
+        return self.facts.name
+
+    @property
+    def colour(self) -> str:
+        return self.facts.colour
+
+    @property
+    def kind(self) -> str:
+        return self.facts.kind
+
+
+def _strategy(name: str, create_pipeline: Callable[[], Pipeline]) -> Strategy:
+    return Strategy(BY_NAME[name], create_pipeline)
 
 
 STRATEGIES: tuple[Strategy, ...] = (
-    Strategy(
-        "feature_transfer",
-        "frozen pretrained backbone → features → a scikit-learn head",
-        "#4C72B0",
-        feature_transfer.create_pipeline,
-    ),
-    Strategy(
-        "parameter_transfer",
-        "start from the pretrained weights and fine-tune with torch",
-        "#DD8452",
-        parameter_transfer.create_pipeline,
-    ),
-    Strategy(
-        "structure_transfer",
-        "the same architecture, randomly initialised, trained on the target data",
-        "#55A868",
-        structure_transfer.create_pipeline,
-        control_for="parameter_transfer",
-        control_shows="what the pretrained weights are worth here",
-    ),
+    _strategy("feature_transfer", feature_transfer.create_pipeline),
+    _strategy("parameter_transfer", parameter_transfer.create_pipeline),
+    _strategy("structure_transfer", structure_transfer.create_pipeline),
 )
 
 STRATEGY_NAMES: tuple[str, ...] = tuple(strategy.name for strategy in STRATEGIES)

@@ -3,7 +3,8 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from tests.conftest import backbone_choice_inputs
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
 from transfer_learning.pipelines.feature_extraction import create_pipeline
 
 

@@ -7,7 +7,8 @@ from sklearn.datasets import load_digits
 
 from tests.conftest import backbone_choice_inputs
 from tests.oracles import classification_metrics, per_class_recall
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
 from transfer_learning.pipelines import feature_extraction
 from transfer_learning.pipelines.evaluation import evaluation_for
 from transfer_learning.pipelines.feature_transfer import create_pipeline

@@ -3,10 +3,11 @@ import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.image_index import DataSettings, build_image_index
+from transfer_learning.data.index import build_image_index
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
 from transfer_learning.pipelines.evaluation import evaluation_for
-from transfer_learning.pipelines.parameter_transfer import finetuning_pipeline
+from transfer_learning.pipelines.templates.network_training import network_training_pipeline
 
 RECIPE = {"epochs": 2, "batch_size": 16, "hflip": False, "patience": None}
 
@@ -30,7 +31,7 @@ def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
             "params:distributed": MemoryDataset({}),
         }
     )
-    pipeline = finetuning_pipeline(strategy)
+    pipeline = network_training_pipeline(strategy)
     if evaluate:
         pipeline += evaluation_for(strategy, register=False)
     outputs = SequentialRunner().run(pipeline, catalog)

@@ -7,7 +7,9 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from transfer_learning.backbone_selection import (
+from transfer_learning.core.runtime import resolve_device
+from transfer_learning.features.extraction import ExtractionSettings
+from transfer_learning.features.selection import (
     SelectionSettings,
     rank_backbones,
     ranking_figure,
@@ -15,8 +17,7 @@ from transfer_learning.backbone_selection import (
     recommendation,
     score_quality,
 )
-from transfer_learning.extraction import ExtractionSettings, resolve_device
-from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
+from transfer_learning.kedro_io.tracking import MlflowMetrics, mlflow_metrics
 
 
 def rank_candidate_backbones(

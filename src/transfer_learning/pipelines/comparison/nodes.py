@@ -7,7 +7,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from transfer_learning.comparison import (
+from transfer_learning.reporting.comparison import (
     Control,
     comparison_figure,
     comparison_markdown,

@@ -4,8 +4,8 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Node, Pipeline
 
-from transfer_learning.comparison import Control
 from transfer_learning.pipelines import bind
+from transfer_learning.reporting.comparison import Control
 from transfer_learning.strategies import Strategy
 
 from .nodes import compare_strategies
@@ -16,7 +16,9 @@ def create_pipeline(strategies: Sequence[Strategy] = (), **kwargs) -> Pipeline:
         compare_strategies,
         colours={s.name: s.colour for s in strategies},
         controls=tuple(
-            Control(s.control_for, s.name, s.control_shows) for s in strategies if s.control_for
+            Control(s.facts.control_for, s.name, s.facts.control_shows)
+            for s in strategies
+            if s.facts.control_for
         ),
     )
     return Pipeline(

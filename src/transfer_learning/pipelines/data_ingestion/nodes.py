@@ -7,9 +7,10 @@ from typing import Any
 
 import pandas as pd
 
-from transfer_learning.duplicates import apply_duplicate_policy, find_duplicates
-from transfer_learning.image_index import DataSettings, build_task_index, profile_images
-from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
+from transfer_learning.data.duplicates import apply_duplicate_policy, find_duplicates
+from transfer_learning.data.index import build_task_index, profile_images
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.kedro_io.tracking import MlflowMetrics, mlflow_metrics
 
 logger = logging.getLogger(__name__)
 

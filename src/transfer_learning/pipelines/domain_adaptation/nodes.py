@@ -14,39 +14,34 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.pipeline import Pipeline
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.domain_adaptation import (
-    METHODS,
+from transfer_learning.adaptation.base import AdaptationMethod, FeatureSource, NetworkSource
+from transfer_learning.adaptation.network import has_batchnorm
+from transfer_learning.adaptation.registry import (
     AdaptationSettings,
-    CoralTransform,
-    adabn_checkpoint,
     adapted_model_name,
     base_strategy,
-    domain_shift,
-    has_batchnorm,
-    mcc_checkpoint,
     should_run,
-    tent_checkpoint,
-    with_target_standardisation,
 )
-from transfer_learning.domain_adaptation_report import adaptation_figure, adaptation_markdown
-from transfer_learning.evaluation import evaluate_predictions
-from transfer_learning.extraction import ExtractionSettings, extract_features, resolve_device
-from transfer_learning.finetune import Recipe
-from transfer_learning.heads import HeadSettings, select_and_fit
-from transfer_learning.image_index import DataSettings, index_target_images
-from transfer_learning.pipelines.evaluation.nodes import (
-    register_image_model,
-    score_test_split,
-    select_test_split,
+from transfer_learning.adaptation.shift import domain_shift
+from transfer_learning.core.runtime import resolve_device
+from transfer_learning.core.strategies import FEATURES
+from transfer_learning.core.tasks import require_single_task
+from transfer_learning.data.index import index_target_images
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.features.extraction import ExtractionSettings, extract_features
+from transfer_learning.kedro_io.tracking import MlflowMetrics, mlflow_metrics
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.models.heads import HeadSettings
+from transfer_learning.reporting.adaptation import adaptation_figure, adaptation_markdown
+from transfer_learning.reporting.evaluation import evaluate_predictions
+from transfer_learning.serving.classifier import ImageClassifier
+from transfer_learning.serving.packaging import (
+    head_image_model,
+    local_image_classifier,
+    network_image_model,
 )
-from transfer_learning.pipelines.feature_transfer.nodes import package_image_model as package_head
-from transfer_learning.pipelines.parameter_transfer.nodes import (
-    package_image_model as package_network,
-)
-from transfer_learning.serving import ImageClassifier
-from transfer_learning.tasks import require_single_task
-from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
+from transfer_learning.serving.scoring import score_test_split, select_test_split
+from transfer_learning.training.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +92,10 @@ def measure_domain_shift(
     target_features: dict[str, np.ndarray],
     adaptation: dict[str, Any],
     seed: int,
+    registry: tuple[AdaptationMethod, ...],
 ) -> dict[str, float]:
     """How well a classifier tells source (train+val) from target features, held out."""
-    settings = AdaptationSettings.from_params(adaptation)
+    settings = AdaptationSettings.from_params(adaptation, registry)
     source = image_features["features"][image_features["split"] != "test"]
     shift = domain_shift(source, target_features["features"], settings.shift_max_images, seed)
     logger.info(
@@ -110,68 +106,32 @@ def measure_domain_shift(
     return shift
 
 
-def standardise_with_target(
-    head: Pipeline, target_features: dict[str, np.ndarray], adaptation: dict[str, Any]
-) -> Adapted:
-    """feature_transfer's head with the target's per-dimension mean and spread."""
-    if not should_run("target_standardisation", AdaptationSettings.from_params(adaptation)):
-        return {}
-    return {
-        "target_standardisation": with_target_standardisation(head, target_features["features"])
-    }
-
-
-def align_with_coral(
+def adapt_head(  # noqa: PLR0913 (the head, the features it saw, the target's, settings)
+    head: Pipeline,
     train_features: dict[str, np.ndarray],
     val_features: dict[str, np.ndarray],
     target_features: dict[str, np.ndarray],
-    head: dict[str, Any],
+    head_params: dict[str, Any],
     adaptation: dict[str, Any],
     seed: int,
+    method: AdaptationMethod,
+    registry: tuple[AdaptationMethod, ...],
 ) -> Adapted:
-    """A head chosen and fitted, as feature_transfer's, on source features CORAL-aligned to
-    the target (hyper-parameters chosen on the aligned source val)."""
-    settings = AdaptationSettings.from_params(adaptation)
-    if not should_run("coral", settings):
+    """The pretrained features strategy's head, adapted by `method` (a features-kind method)."""
+    settings = AdaptationSettings.from_params(adaptation, registry)
+    if not should_run(method, settings):
         return {}
-    align = CoralTransform.fit(
-        train_features["features"], target_features["features"], settings.coral_regularisation
+    source = FeatureSource(
+        head,
+        (train_features["features"], train_features["label"]),
+        (val_features["features"], val_features["label"]),
+        target_features["features"],
+        HeadSettings.from_params(head_params),
     )
-    fitted = select_and_fit(
-        (align(train_features["features"]), train_features["label"]),
-        (align(val_features["features"]), val_features["label"]),
-        HeadSettings.from_params(head),
-        seed,
-    )
-    return {"coral": fitted.model}
+    return {method.name: method.adapt(source, settings.of(method), seed)}
 
 
-def adapt_batchnorm_statistics(
-    model: dict[str, Any], target_images: pd.DataFrame, adaptation: dict[str, Any], device: str
-) -> Adapted:
-    """parameter_transfer's network with BatchNorm statistics of the target images (AdaBN)."""
-    if not should_run("adabn", AdaptationSettings.from_params(adaptation), has_batchnorm(model)):
-        return {}
-    locations = target_images["location"].tolist()
-    return {"adabn": adabn_checkpoint(model, locations, resolve_device(device))}
-
-
-def adapt_with_tent(
-    model: dict[str, Any],
-    target_images: pd.DataFrame,
-    adaptation: dict[str, Any],
-    seed: int,
-    device: str,
-) -> Adapted:
-    """parameter_transfer's network after test-time entropy minimisation (TENT)."""
-    settings = AdaptationSettings.from_params(adaptation)
-    if not should_run("tent", settings, has_batchnorm(model)):
-        return {}
-    locations = target_images["location"].tolist()
-    return {"tent": tent_checkpoint(model, locations, settings.tent, seed, resolve_device(device))}
-
-
-def adapt_with_mcc(  # noqa: PLR0913 (source model, recipe and rows; target rows; settings)
+def adapt_network(  # noqa: PLR0913 (source model, recipe and rows; target rows; settings)
     model: dict[str, Any],
     recipe: Recipe,
     train_index: pd.DataFrame,
@@ -179,72 +139,70 @@ def adapt_with_mcc(  # noqa: PLR0913 (source model, recipe and rows; target rows
     adaptation: dict[str, Any],
     seed: int,
     device: str,
+    method: AdaptationMethod,
+    registry: tuple[AdaptationMethod, ...],
 ) -> Adapted:
-    """parameter_transfer's network fine-tuned further with the MCC loss on target batches."""
-    settings = AdaptationSettings.from_params(adaptation)
-    if not should_run("mcc", settings):
+    """The pretrained network strategy's fine-tuned network, adapted by `method` (a network-kind
+    method); a method that needs BatchNorm is left out for a network without it."""
+    settings = AdaptationSettings.from_params(adaptation, registry)
+    if not should_run(method, settings, has_batchnorm(model)):
         return {}
-    checkpoint, history = mcc_checkpoint(
+    source = NetworkSource(
         model,
         recipe,
         train_index["location"].tolist(),
         train_index["label"].to_numpy(),
         target_images["location"].tolist(),
-        settings.mcc,
-        seed,
         resolve_device(device),
     )
-    logger.info(
-        "mcc: %d steps, source loss %.4f → %.4f, MCC loss %.4f → %.4f",
-        len(history),
-        history[0]["source_loss"],
-        history[-1]["source_loss"],
-        history[0]["mcc_loss"],
-        history[-1]["mcc_loss"],
-    )
-    return {"mcc": checkpoint}
+    return {method.name: method.adapt(source, settings.of(method), seed)}
 
 
 def package_adapted_models(
-    class_names: dict[str, list[str]], backbone: dict[str, Any], *adapted: Adapted
+    class_names: dict[str, list[str]],
+    backbone: dict[str, Any],
+    *adapted: Adapted,
+    registry: tuple[AdaptationMethod, ...],
 ) -> dict[str, ImageClassifier]:
     """Every adapted head or network as a deployable image model, named `<strategy>_<method>`."""
+    by_name = {method.name: method for method in registry}
     models = {}
-    for method, adapted_model in (item for group in adapted for item in group.items()):
-        name = adapted_model_name(method)
-        models[name] = (
-            package_head(adapted_model, class_names, backbone, strategy=name)
-            if isinstance(adapted_model, Pipeline)
-            else package_network(adapted_model, class_names, strategy=name)
+    for name, adapted_model in (item for group in adapted for item in group.items()):
+        method = by_name[name]
+        model_name = adapted_model_name(method)
+        models[model_name] = (
+            head_image_model(
+                adapted_model, class_names, BackboneSettings.from_params(backbone), model_name
+            )
+            if method.kind == FEATURES
+            else network_image_model(adapted_model, class_names, model_name)
         )
     return models
 
 
 def evaluate_adaptation(  # noqa: PLR0913 (the models, both test splits, the shift)
     adapted_models: dict[str, Any],
-    feature_transfer_model: Any,
-    parameter_transfer_model: Any,
     target_index: pd.DataFrame,
     image_index: pd.DataFrame,
     class_names: dict[str, list[str]],
     shift: dict[str, float],
+    *source_models: Any,
+    strategies: tuple[str, ...],
+    registry: tuple[AdaptationMethod, ...],
 ) -> tuple[dict[str, Any], MlflowMetrics]:
-    """Every model — each strategy's source-only one and its adapted ones — scored by the shared
-    evaluation on the target test split (when the target is labelled) and the source test split."""
+    """Every model — each adapted strategy's source-only one (`source_models`, in the order of
+    `strategies`) and its adapted ones — scored by the shared evaluation on the target test split
+    (when the target is labelled) and the source test split."""
     names = class_names["classes"]
     target_test = target_index[target_index["split"] == "test"].reset_index(drop=True)
     source_test = select_test_split(image_index)
-    sources = {
-        "feature_transfer": feature_transfer_model,
-        "parameter_transfer": parameter_transfer_model,
-    }
     by_strategy: dict[str, dict[str, Any]] = {}
-    for strategy, source_only in sources.items():
+    for strategy, source_only in zip(strategies, source_models, strict=True):
         rows = {"source_only": (strategy, source_only)}
-        for method in METHODS:  # in the order of the report
+        for method in registry:  # in the order of the report
             name = adapted_model_name(method)
             if base_strategy(method) == strategy and name in adapted_models:
-                rows[method] = (name, adapted_models[name])
+                rows[method.name] = (name, adapted_models[name])
         by_strategy[strategy] = {
             method: _scores(model, model_name, target_test, source_test, names)
             for method, (model_name, model) in rows.items()
@@ -295,4 +253,4 @@ def report_adaptation(metrics: dict[str, Any], data: dict[str, Any]) -> tuple[st
 
 def register_adapted_models(adapted_models: dict[str, Any]) -> dict[str, ImageClassifier]:
     """The evaluated adapted models, to be registered in MLflow as transfer_learning_<name>."""
-    return {name: register_image_model(model) for name, model in adapted_models.items()}
+    return {name: local_image_classifier(model) for name, model in adapted_models.items()}

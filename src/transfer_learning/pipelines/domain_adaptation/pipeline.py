@@ -1,18 +1,24 @@
 """The domain_adaptation pipeline: target images → adapted models → one evaluation of all.
 
-It reads what feature_transfer and parameter_transfer produce (their fitted head, fine-tuned
-network and image models); the registry puts those pipelines in front of it. Every method is a
-node of its own: one not asked for in `adaptation.methods`, or that does not apply, returns
+It adapts the pretrained strategy of each kind (core.strategies): for the features kind, its
+fitted head and the features it saw; for the network kind, its fine-tuned network. The registry
+puts those strategies' pipelines in front of it. Every registered method (adaptation.registry) is
+a node of its own: one not asked for in `adaptation.methods`, or that does not apply, returns
 nothing and is left out of the models and the report.
 """
 
+from collections.abc import Sequence
+
 from kedro.pipeline import Node, Pipeline
 
+from transfer_learning.adaptation.base import AdaptationMethod
+from transfer_learning.adaptation.registry import METHODS, base_strategy
+from transfer_learning.core.strategies import FEATURES, KINDS, pretrained_of_kind
+from transfer_learning.pipelines import bind
+
 from .nodes import (
-    adapt_batchnorm_statistics,
-    adapt_with_mcc,
-    adapt_with_tent,
-    align_with_coral,
+    adapt_head,
+    adapt_network,
     evaluate_adaptation,
     extract_target_features,
     index_target,
@@ -21,13 +27,48 @@ from .nodes import (
     register_adapted_models,
     report_adaptation,
     select_adaptation_images,
-    standardise_with_target,
 )
 
-ADAPTED = ("coral_head", "target_standardised_head", "adabn_network", "tent_network", "mcc_network")
+
+def source_strategies() -> tuple[str, ...]:
+    """The strategies whose models are adapted: the pretrained one of each kind."""
+    return tuple(pretrained_of_kind(kind) for kind in KINDS)
 
 
-def create_pipeline(**kwargs) -> Pipeline:
+def _adaptation_node(method: AdaptationMethod, registry: Sequence[AdaptationMethod]) -> Node:
+    strategy = base_strategy(method)
+    if method.kind == FEATURES:
+        func = adapt_head
+        inputs = [
+            f"{strategy}.model",
+            f"{strategy}.train_features",
+            f"{strategy}.val_features",
+            "target_features",
+            "params:head",
+        ]
+    else:
+        func = adapt_network
+        inputs = [
+            f"{strategy}.model",
+            f"{strategy}.recipe",
+            f"{strategy}.train_index",
+            "target_images",
+        ]
+    extra = ["params:adaptation", "params:seed"] + (
+        ["params:device"] if func is adapt_network else []
+    )
+    return Node(
+        bind(func, method=method, registry=tuple(registry)),
+        inputs + extra,
+        f"{method.name}_adapted",
+        name=f"adapt_with_{method.name}",
+    )
+
+
+def create_pipeline(methods: Sequence[AdaptationMethod] = METHODS, **kwargs) -> Pipeline:
+    registry = tuple(methods)
+    strategies = source_strategies()
+    adapted = [f"{method.name}_adapted" for method in registry]
     return Pipeline(
         [
             Node(
@@ -49,78 +90,27 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="extract_target_features",
             ),
             Node(
-                measure_domain_shift,
+                bind(measure_domain_shift, registry=registry),
                 ["image_features", "target_features", "params:adaptation", "params:seed"],
                 "domain_shift",
                 name="measure_domain_shift",
             ),
+            *(_adaptation_node(method, registry) for method in registry),
             Node(
-                standardise_with_target,
-                ["feature_transfer.model", "target_features", "params:adaptation"],
-                "target_standardised_head",
-                name="standardise_with_target",
-            ),
-            Node(
-                align_with_coral,
-                [
-                    "feature_transfer.train_features",
-                    "feature_transfer.val_features",
-                    "target_features",
-                    "params:head",
-                    "params:adaptation",
-                    "params:seed",
-                ],
-                "coral_head",
-                name="align_with_coral",
-            ),
-            Node(
-                adapt_batchnorm_statistics,
-                ["parameter_transfer.model", "target_images", "params:adaptation", "params:device"],
-                "adabn_network",
-                name="adapt_batchnorm_statistics",
-            ),
-            Node(
-                adapt_with_tent,
-                [
-                    "parameter_transfer.model",
-                    "target_images",
-                    "params:adaptation",
-                    "params:seed",
-                    "params:device",
-                ],
-                "tent_network",
-                name="adapt_with_tent",
-            ),
-            Node(
-                adapt_with_mcc,
-                [
-                    "parameter_transfer.model",
-                    "parameter_transfer.recipe",
-                    "parameter_transfer.train_index",
-                    "target_images",
-                    "params:adaptation",
-                    "params:seed",
-                    "params:device",
-                ],
-                "mcc_network",
-                name="adapt_with_mcc",
-            ),
-            Node(
-                package_adapted_models,
-                ["class_names", "backbone", *ADAPTED],
+                bind(package_adapted_models, registry=registry),
+                ["class_names", "backbone", *adapted],
                 "adapted_image_models",
                 name="package_adapted_models",
             ),
             Node(
-                evaluate_adaptation,
+                bind(evaluate_adaptation, strategies=strategies, registry=registry),
                 [
                     "adapted_image_models",
-                    "feature_transfer.image_model",
-                    "parameter_transfer.image_model",
                     "target_index",
                     "image_index",
                     "class_names",
                     "domain_shift",
+                    *(f"{strategy}.image_model" for strategy in strategies),
                 ],
                 ["domain_adaptation_metrics", "domain_adaptation_mlflow_metrics"],
                 name="evaluate_adaptation",

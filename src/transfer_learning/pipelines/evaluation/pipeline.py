@@ -10,12 +10,11 @@ from collections.abc import Sequence
 from kedro.pipeline import Node, Pipeline
 
 from transfer_learning.pipelines import bind
+from transfer_learning.serving.scoring import score_test_split, select_test_split
 
 from .nodes import (
     evaluate_test_predictions,
     register_image_model,
-    score_test_split,
-    select_test_split,
 )
 
 

@@ -9,12 +9,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from transfer_learning.backbone_selection import SelectionSettings, choose_backbone
-from transfer_learning.backbones import AUTO, BackboneSettings, build_backbone, resolve_image_size
-from transfer_learning.distributed import DistributedSettings
-from transfer_learning.extraction import ExtractionSettings, extract_features, resolve_device
-from transfer_learning.tasks import index_label_matrix
-from transfer_learning.tracking import MlflowMetrics, mlflow_metrics
+from transfer_learning.core.distributed import DistributedSettings
+from transfer_learning.core.runtime import resolve_device
+from transfer_learning.core.tasks import index_label_matrix
+from transfer_learning.features.extraction import ExtractionSettings, extract_features
+from transfer_learning.features.selection import SelectionSettings, choose_backbone
+from transfer_learning.kedro_io.tracking import MlflowMetrics, mlflow_metrics
+from transfer_learning.models.backbones import (
+    AUTO,
+    BackboneSettings,
+    build_backbone,
+    resolve_image_size,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from transfer_learning.backbones import BackboneSettings, build_backbone
-from transfer_learning.heads import FittedHead, HeadSettings, TaskHeads, select_and_fit
-from transfer_learning.serving import ImageClassifier
-from transfer_learning.tasks import MISSING, Tasks
+from transfer_learning.core.tasks import MISSING, Tasks
+from transfer_learning.models.backbones import BackboneSettings
+from transfer_learning.models.heads import FittedHead, HeadSettings, TaskHeads, select_and_fit
+from transfer_learning.serving.classifier import ImageClassifier
+from transfer_learning.serving.packaging import head_image_model
 
 logger = logging.getLogger(__name__)
 
@@ -126,21 +127,13 @@ def _head_parameter_count(model: Pipeline) -> int:
     return int(np.size(coef) + (np.size(intercept) if intercept is not None else 0))
 
 
-def package_image_model(
+def package_head_model(
     head_model: Any,
     class_names: dict[str, Any],
     backbone: dict[str, Any],
-    strategy: str = "feature_transfer",
+    strategy: str,
 ) -> ImageClassifier:
-    """The deployable images → probabilities model: backbone weights, preprocessing and head
-    (`strategy`: its name; domain_adaptation packages adapted heads as `feature_transfer_<method>`)."""
-    features = build_backbone(BackboneSettings.from_params(backbone))
-    return ImageClassifier(
-        strategy=strategy,
-        classes=class_names["classes"],
-        tasks=class_names.get("tasks"),
-        backbone_name=features.name,
-        image_size=features.preprocessing.image_size,
-        network_state=features.features.state_dict(),
-        head=head_model,
+    """The deployable images → probabilities model: backbone weights, preprocessing and head."""
+    return head_image_model(
+        head_model, class_names, BackboneSettings.from_params(backbone), strategy
     )

@@ -6,7 +6,9 @@ shared evaluation reads `feature_transfer.image_model` and `feature_transfer.tra
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import fit_head, package_image_model, split_features
+from transfer_learning.pipelines import bind
+
+from .nodes import fit_head, package_head_model, split_features
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -31,7 +33,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="fit_head",
             ),
             Node(
-                func=package_image_model,
+                func=bind(package_head_model, strategy="feature_transfer"),
                 inputs=["model", "class_names", "backbone"],
                 outputs="image_model",
                 name="package_image_model",

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from transfer_learning.evaluation import align_probabilities, evaluate_predictions
-from transfer_learning.extraction import resolve_device
-from transfer_learning.finetune import Recipe, TrainingRunSettings, TrainValImages, train_classifier
-from transfer_learning.heads import HeadSettings, select_and_fit
-from transfer_learning.learning_curve import (
+from transfer_learning.core.runtime import resolve_device
+from transfer_learning.core.strategies import COLOURS
+from transfer_learning.core.tasks import require_single_task
+from transfer_learning.models.heads import HeadSettings, select_and_fit
+from transfer_learning.reporting.curves import (
     CURVE_COLUMNS,
     CurveSettings,
     curve_figure,
@@ -24,10 +24,11 @@ from transfer_learning.learning_curve import (
     report,
     summarise,
 )
-from transfer_learning.pipelines.evaluation.nodes import score_test_split
-from transfer_learning.pipelines.parameter_transfer.nodes import package_image_model
-from transfer_learning.strategies import STRATEGIES
-from transfer_learning.tasks import require_single_task
+from transfer_learning.reporting.evaluation import align_probabilities, evaluate_predictions
+from transfer_learning.serving.packaging import network_image_model
+from transfer_learning.serving.scoring import score_test_split
+from transfer_learning.training.recipe import Recipe, TrainingRunSettings, TrainValImages
+from transfer_learning.training.trainer import train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +52,18 @@ def draw_curve_subsets(
     return subsets
 
 
-def feature_transfer_curve(
+def head_curve(
     image_features: Arrays,
     subsets: pd.DataFrame,
     class_names: dict[str, list[str]],
     head: dict[str, Any],
     curve: dict[str, Any],
+    strategy: str,
 ) -> pd.DataFrame:
-    """Every point of feature_transfer on the features extracted once: the `head` settings
-    (type auto: prototype or logistic regression, chosen on val) fitted on the point's images
-    alone (no refit on val), scored on the test features."""
-    if "feature_transfer" not in CurveSettings.from_params(curve).strategies:
+    """Every point of a strategy of the features kind, on the features extracted once: the
+    `head` settings (type auto: prototype or logistic regression, chosen on val) fitted on the
+    point's images alone (no refit on val), scored on the test features."""
+    if strategy not in CurveSettings.from_params(curve).strategies:
         return pd.DataFrame(columns=CURVE_COLUMNS)
     settings = replace(HeadSettings.from_params(head), refit_on_train_val=False)
     row_of = {location: row for row, location in enumerate(image_features["location"])}
@@ -80,7 +82,7 @@ def feature_transfer_curve(
             len(class_names["classes"]),
         )
         rows.append(
-            _point("feature_transfer", per_class, seed, train, test[1], probabilities, class_names)
+            _point(strategy, per_class, seed, train, test[1], probabilities, class_names)
             | {"fit_seconds": fitted.fit_seconds, "head": fitted.head_type}
         )
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
@@ -126,7 +128,7 @@ def finetuning_curve(  # noqa: PLR0913 (the points, the fine-tuning recipe block
             "backbone_name": resolved.backbone.name,
             "image_size": int(resolved.backbone.image_size),
         }
-        scored = score_test_split(package_image_model(checkpoint, class_names, strategy), test)
+        scored = score_test_split(network_image_model(checkpoint, class_names, strategy), test)
         rows.append(
             _point(
                 strategy,
@@ -165,5 +167,5 @@ def report_learning_curve(
     ).reindex(columns=CURVE_COLUMNS)
     summary = summarise(curve)
     test_images = int((image_index["split"] == "test").sum())
-    colours = {strategy.name: strategy.colour for strategy in STRATEGIES}
+    colours = COLOURS
     return curve, curve, report(summary, test_images), curve_figure(summary, colours)

@@ -1,23 +1,41 @@
 """The learning_curve pipeline: nested training sets → every strategy at every size → report.
 
-Features are extracted once (the shared feature_extraction stage) and reused by every
-feature_transfer point; the fine-tuning strategies train one network per point.
+Features are extracted once (the shared feature_extraction stage) and reused by every point of
+a strategy of the features kind; a strategy of the network kind trains one network per point.
 """
 
 from kedro.pipeline import Node, Pipeline
 
-from transfer_learning.learning_curve import FINETUNING_STRATEGIES as FINETUNING
+from transfer_learning.core.strategies import FEATURES, NETWORK, names_of_kind
 from transfer_learning.pipelines import bind
 
 from .nodes import (
     draw_curve_subsets,
-    feature_transfer_curve,
     finetuning_curve,
+    head_curve,
     report_learning_curve,
 )
 
+HEADS = names_of_kind(FEATURES)  # one head fitted per point on the cached features
+FINETUNING = names_of_kind(NETWORK)  # one network trained per point
+
 
 def create_pipeline(**kwargs) -> Pipeline:
+    heads = [
+        Node(
+            func=bind(head_curve, strategy=strategy),
+            inputs=[
+                "image_features",
+                "curve_subsets",
+                "class_names",
+                "params:head",
+                "params:curve",
+            ],
+            outputs=f"{strategy}_curve",
+            name=f"{strategy}_curve",
+        )
+        for strategy in HEADS
+    ]
     finetuning = [
         Node(
             func=bind(finetuning_curve, strategy=strategy),
@@ -47,25 +65,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="curve_subsets",
                 name="draw_curve_subsets",
             ),
-            Node(
-                func=feature_transfer_curve,
-                inputs=[
-                    "image_features",
-                    "curve_subsets",
-                    "class_names",
-                    "params:head",
-                    "params:curve",
-                ],
-                outputs="feature_transfer_curve",
-                name="feature_transfer_curve",
-            ),
+            *heads,
             *finetuning,
             Node(
                 func=report_learning_curve,
                 inputs=[
                     "image_index",
-                    "feature_transfer_curve",
-                    *(f"{strategy}_curve" for strategy in FINETUNING),
+                    *(f"{strategy}_curve" for strategy in HEADS + FINETUNING),
                 ],
                 outputs=[
                     "learning_curve",

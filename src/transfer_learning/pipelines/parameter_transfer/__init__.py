@@ -1,5 +1,5 @@
 """Parameter transfer: fine-tune the pretrained backbone with a new head."""
 
-from .pipeline import create_pipeline, finetuning_pipeline
+from .pipeline import create_pipeline
 
-__all__ = ["create_pipeline", "finetuning_pipeline"]
+__all__ = ["create_pipeline"]

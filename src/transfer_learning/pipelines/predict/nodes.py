@@ -10,9 +10,9 @@ from typing import Any
 
 import pandas as pd
 
-from transfer_learning.config import require_known_keys
-from transfer_learning.images import IMAGE_EXTENSIONS
-from transfer_learning.packaging import local_image_classifier
+from transfer_learning.core.config import require_known_keys
+from transfer_learning.data.images import IMAGE_EXTENSIONS
+from transfer_learning.serving.packaging import local_image_classifier
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Domain adaptation: the method registry and one module per method."""

@@ -1,0 +1,1 @@
+"""Images and their index: decoding, the folder / manifest / digits sources, duplicates."""

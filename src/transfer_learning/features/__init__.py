@@ -1,0 +1,1 @@
+"""Frozen-network features: extraction, transferability scores, backbone selection."""

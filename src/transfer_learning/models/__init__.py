@@ -1,0 +1,1 @@
+"""Networks and heads: the backbone registry, the fine-tuned classifier, the scikit-learn heads."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics, the comparison, learning curves and the adaptation report."""

@@ -1,0 +1,1 @@
+"""The packaged model: the image classifier, its MLflow packaging and requirements."""

@@ -1,0 +1,244 @@
+"""The deployable image model on disk: an MLflow pyfunc model whose files load without running code.
+
+MLflow's default for a custom model pickles the Python object (`python_model.pkl`), and unpickling
+runs whatever the file holds: anyone who can write to a model folder could run code in `predict`
+or in the server. Here the model is packaged "from code": MLflow stores the entry
+`packaged_model.py` (source, with the project's code beside it) and these files, each read in a
+format that cannot execute anything:
+
+- `network.pt`: the network's weights, read with `torch.load(weights_only=True)`;
+- `head.skops`: the scikit-learn head (a strategy of the features kind), read by skops trusting only
+  scikit-learn's types and `heads.TRUSTED_HEAD_TYPES`;
+- `model.json`: strategy, classes (and with several label columns `tasks`: task → classes),
+  backbone name, image size.
+
+A file that fails these checks is refused with a `ModelFileError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+import torch
+
+from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.models.heads import TRUSTED_HEAD_TYPES
+from transfer_learning.serving.classifier import ImageClassifier
+from transfer_learning.serving.requirements import image_model_requirements
+
+ENTRY = Path(__file__).with_name("packaged_model.py")
+FORMAT = 1  # model.json's "format": bumped when the files change meaning
+_REPACKAGE = (
+    "Re-create the model with `kedro run --pipelines=<strategy>`, and keep model folders "
+    "writable by you alone."
+)
+
+
+class ModelFileError(ValueError):
+    """A packaged model's file is not what this project writes: it is refused, never loaded."""
+
+
+class PackagedImageClassifier(mlflow.pyfunc.PythonModel):
+    """What MLflow loads: an `ImageClassifier` rebuilt from the model's files in `load_context`."""
+
+    classifier: ImageClassifier
+
+    def load_context(self, context: Any) -> None:
+        self.classifier = read_model_files(context.artifacts)
+
+    def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        return self.classifier.predict(model_input, params)
+
+    def predict_files(self, locations: Sequence[str]) -> pd.DataFrame:
+        """The trusted local entry (your own files): see `ImageClassifier.predict_files`."""
+        return self.classifier.predict_files(locations)
+
+
+def local_image_classifier(image_model: Any) -> ImageClassifier:
+    """The ImageClassifier itself, whether given directly, as MLflow's PyFuncModel (as the
+    catalog loads it) or as its python model: `predict_files` is not part of the pyfunc API."""
+    unwrap = getattr(image_model, "unwrap_python_model", None)
+    model = unwrap() if unwrap is not None else image_model
+    return model.classifier if isinstance(model, PackagedImageClassifier) else model
+
+
+def write_model_files(model: ImageClassifier, folder: Path) -> dict[str, str]:
+    """The model's state as files in `folder`; returns MLflow's `artifacts` (name → path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "format": FORMAT,
+        "strategy": model.strategy,
+        "classes": list(model.classes),
+        "backbone_name": model.backbone_name,
+        "image_size": model.image_size,
+        "batch_size": model.batch_size,
+    }
+    if len(model.tasks) > 1:
+        spec["tasks"] = model.tasks
+    artifacts = {"spec": folder / "model.json", "network": folder / "network.pt"}
+    artifacts["spec"].write_text(json.dumps(spec, indent=2))
+    torch.save(model.network_state, artifacts["network"])
+    if model.head is not None:
+        artifacts["head"] = folder / "head.skops"
+        artifacts["head"].write_bytes(head_bytes(model.head))
+    return {name: str(path) for name, path in artifacts.items()}
+
+
+def read_model_files(artifacts: Mapping[str, str]) -> ImageClassifier:
+    """The ImageClassifier the files describe, refusing any file this project would not write."""
+    spec_file = Path(artifacts["spec"])
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelFileError(f"{spec_file} is not a readable model description: {error}") from error
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{spec_file} is not a format-{FORMAT} model description (format "
+            f"{spec.get('format') if isinstance(spec, dict) else None!r}). {_REPACKAGE}"
+        )
+    network_file = Path(artifacts["network"])
+    try:
+        network_state = torch.load(network_file, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError, EOFError: all mean "refuse"
+        raise ModelFileError(
+            f"{network_file} is not a plain weights file: torch.load(weights_only=True) refused "
+            f"it ({type(error).__name__}: {str(error).splitlines()[0]}). {_REPACKAGE}"
+        ) from error
+    head = load_head(Path(artifacts["head"])) if "head" in artifacts else None
+    try:
+        return ImageClassifier(
+            strategy=spec["strategy"],
+            classes=spec["classes"],
+            backbone_name=spec["backbone_name"],
+            image_size=spec["image_size"],
+            network_state=network_state,
+            head=head,
+            batch_size=spec["batch_size"],
+            tasks=spec.get("tasks"),
+        )
+    except KeyError as error:
+        raise ModelFileError(f"{spec_file} lacks {error}. {_REPACKAGE}") from error
+
+
+def head_bytes(head: Any) -> bytes:
+    """A fitted scikit-learn head as skops bytes, refused now (not on load) if it holds types
+    no load would trust, e.g. a head.type from another library."""
+    import skops.io
+
+    data = skops.io.dumps(head)
+    untrusted = sorted(set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_HEAD_TYPES))
+    if untrusted:
+        raise ModelFileError(
+            f"The head holds types that skops does not trust and this project does not list "
+            f"({', '.join(untrusted)}): it could not be loaded safely. Use a scikit-learn "
+            "classifier as head.type."
+        )
+    return data
+
+
+def load_head(path: Path) -> Any:
+    """A head written from `head_bytes`: scikit-learn's and the project's types only."""
+    import skops.io
+
+    try:
+        untrusted = sorted(set(skops.io.get_untrusted_types(file=path)) - set(TRUSTED_HEAD_TYPES))
+    except Exception as error:  # not a skops file at all (zip, schema and JSON errors)
+        raise ModelFileError(
+            f"{path} is not a skops head file ({type(error).__name__}: {error}). {_REPACKAGE}"
+        ) from error
+    if untrusted:
+        raise ModelFileError(
+            f"{path} holds types this project never stores in a head and does not trust: "
+            f"{', '.join(untrusted)}. It was not written by transfer-learning or was changed "
+            f"since; it was not loaded. {_REPACKAGE}"
+        )
+    return skops.io.load(path, trusted=list(TRUSTED_HEAD_TYPES))
+
+
+def save_image_model(
+    model: ImageClassifier, path: Path, code_paths: Sequence[str] | None = None
+) -> None:
+    """The model as an MLflow pyfunc folder at `path` (which must not exist), written whole or
+    not at all: it appears under its name only once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        partial = Path(scratch) / "model"
+        mlflow.pyfunc.save_model(
+            str(partial),
+            python_model=str(ENTRY),
+            artifacts=write_model_files(model, Path(scratch) / "files"),
+            code_paths=list(code_paths) if code_paths else None,
+            pip_requirements=image_model_requirements(),
+        )
+        partial.rename(path)
+
+
+def log_image_model(
+    model: ImageClassifier,
+    name: str,
+    registered_model_name: str | None = None,
+    code_paths: Sequence[str] | None = None,
+) -> None:
+    """Logs the model to the active MLflow run (and registers it), packaged as `save_image_model`."""
+    with tempfile.TemporaryDirectory() as scratch:
+        mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(ENTRY),
+            artifacts=write_model_files(model, Path(scratch)),
+            code_paths=list(code_paths) if code_paths else None,
+            registered_model_name=registered_model_name,
+            pip_requirements=image_model_requirements(),
+        )
+
+
+def load_image_model(path: Path) -> Any:
+    """MLflow's PyFuncModel for a folder `save_image_model` wrote; a folder packaged any other
+    way (an earlier version's pickled `python_model.pkl`) is refused before MLflow reads it."""
+    from mlflow.models import Model
+
+    pickled = sorted(str(p.relative_to(path)) for p in path.rglob("*.pkl"))
+    flavor = Model.load(str(path)).flavors.get("python_function", {})
+    if pickled or not flavor.get("model_code_path"):
+        raise ModelFileError(
+            f"{path} was not packaged by this version of transfer-learning (it holds "
+            f"{', '.join(pickled) or 'no packaged_model.py entry'}): loading it could run "
+            f"whatever a pickle holds, so it was not loaded. {_REPACKAGE}"
+        )
+    return mlflow.pyfunc.load_model(str(path))
+
+
+def head_image_model(
+    head: Any, class_names: Mapping[str, Any], backbone: BackboneSettings, strategy: str
+) -> ImageClassifier:
+    """A head on frozen features as the deployable images → probabilities model: the backbone's
+    pretrained weights and preprocessing, then the head."""
+    features = build_backbone(backbone)
+    return ImageClassifier(
+        strategy=strategy,
+        classes=class_names["classes"],
+        tasks=class_names.get("tasks"),
+        backbone_name=features.name,
+        image_size=features.preprocessing.image_size,
+        network_state=features.features.state_dict(),
+        head=head,
+    )
+
+
+def network_image_model(
+    checkpoint: Mapping[str, Any], class_names: Mapping[str, Any], strategy: str
+) -> ImageClassifier:
+    """A trained network's checkpoint as the deployable images → probabilities model."""
+    return ImageClassifier(
+        strategy=strategy,
+        classes=class_names["classes"],
+        tasks=class_names.get("tasks"),
+        backbone_name=checkpoint["backbone_name"],
+        image_size=checkpoint["image_size"],
+        network_state=checkpoint["state_dict"],
+    )

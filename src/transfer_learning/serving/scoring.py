@@ -1,0 +1,63 @@
+"""Scoring the test split with the deployable model itself: the code `predict` and the server run."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from transfer_learning.core.tasks import Tasks
+from transfer_learning.serving.classifier import probability_matrix
+from transfer_learning.serving.packaging import local_image_classifier
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluationError(RuntimeError):
+    """The test split cannot be scored."""
+
+
+def select_test_split(image_index: pd.DataFrame) -> pd.DataFrame:
+    """The test rows of the image index: read by evaluation alone."""
+    return image_index[image_index["split"] == "test"].reset_index(drop=True)
+
+
+def score_test_split(image_model: Any, test_index: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Class probabilities of the test images from the deployable model itself.
+
+    `image_model` is the packaged `ImageClassifier` (or the MLflow pyfunc that wraps it): the same
+    code that `predict` and `mlflow models serve` run, so the metrics describe what is deployed.
+    Arrays: `label` and `probabilities` of the (first) task; with several tasks also
+    `task_labels` (one column per task, `tasks.MISSING` where absent) and `probabilities_<k>`
+    of task k.
+    """
+    classifier = local_image_classifier(image_model)
+    locations = test_index["location"].tolist()
+    predictions = classifier.predict_files(locations)
+    failed = predictions[predictions["error"] != ""]
+    if not failed.empty:
+        listing = "\n".join(
+            f"  {locations[i]}: {message}"
+            for i, message in failed["error_message"].head(20).items()
+        )
+        raise EvaluationError(
+            f"{len(failed)} test image(s) could not be scored:\n{listing}\n"
+            "Fix or remove them and re-run data_ingestion (data.on_corrupt=skip leaves "
+            "unreadable files out)."
+        )
+    tasks = Tasks(classifier.tasks)
+    labels = tasks.label_matrix(test_index)
+    probabilities = [
+        probability_matrix(predictions, tasks.probability_columns(task)) for task in tasks.names
+    ]
+    arrays = {
+        "label": labels[:, 0],
+        "probabilities": probabilities[0],
+        "location": np.asarray(locations, dtype=str),
+    }
+    if tasks.multi:
+        arrays["task_labels"] = labels
+        arrays.update({f"probabilities_{k}": p for k, p in enumerate(probabilities)})
+    return arrays

@@ -1,0 +1,1 @@
+"""The one training engine: the recipe, its data, losses, optimiser, trainer and checkpoints."""
