@@ -27,7 +27,7 @@ from transfer_learning.training.recipe import (
     TrainingRunSettings,
     TrainValImages,
 )
-from transfer_learning.training.trainer import train_classifier
+from transfer_learning.training.trainer import train_classifier, train_steps
 
 TINY = BackboneSettings(image_size=32)
 
@@ -335,3 +335,25 @@ def test_a_recipe_resolves_every_auto_from_the_data_profile():
     assert recipe.backbone.image_size == 128  # 32 px enlarged 4x
     assert recipe.finetune.batch_size == 32 and recipe.finetune.epochs == 8
     assert recipe.finetune.hflip is True
+
+
+def test_short_trainings_step_clip_and_refuse_a_non_finite_loss_like_fine_tuning():
+    """TENT and MCC take their steps through `train_steps`: the same clipping and the same
+    refusal of a non-finite loss, naming the step and what to change."""
+    weight = torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    batches = [torch.tensor([10.0]), torch.tensor([float("inf")])]
+    with pytest.raises(
+        TrainingError, match=r"Non-finite loss \(inf\) at toy step 2: lower toy\.lr"
+    ):
+        train_steps(
+            batches,
+            lambda batch: ((weight * batch).sum(), {"batch": float(batch)}),
+            optimizer,
+            torch.device("cpu"),
+            "toy",
+            ": lower toy.lr.",
+            grad_clip=0.5,
+        )
+    # The first step was taken with its gradient (10) clipped to norm 0.5: 1 - 0.1 × 0.5.
+    assert weight.item() == pytest.approx(0.95)

@@ -99,10 +99,12 @@ def train_steps(  # noqa: PLR0913 (the batches, the loss, the optimiser and how 
 ) -> list[dict[str, float]]:
     """Steps of a short training that is not an epoch loop (TENT, MCC): for each batch, the loss
     (`loss_of(batch)` → loss and values to log) under the device's autocast, the same backward,
-    clipping and optimiser step as fine-tuning. Returns every step's logged values."""
+    clipping and optimiser step as fine-tuning, and a progress bar. Returns every step's logged
+    values."""
     dtype = autocast_dtype(device)
     history = []
-    for step, batch in enumerate(batches, start=1):
+    bar = tqdm(batches, desc=name, unit="step", leave=False, disable=None)  # on a terminal only
+    for step, batch in enumerate(bar, start=1):
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss, logged = loss_of(batch)
