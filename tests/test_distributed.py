@@ -132,6 +132,7 @@ def _fail_on_rank_one(context: ProcessContext) -> None:
     torch.distributed.barrier()
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_launch_returns_rank_zeros_result_and_reports_a_worker_failure():
     assert launch(TWO_PROCESSES, CPU, _rank_and_cores, 10)[:2] == (10, 2)
     assert launch(DistributedSettings(), CPU, _rank_and_cores, 10)[:2] == (10, 1)
@@ -142,6 +143,7 @@ def test_launch_returns_rank_zeros_result_and_reports_a_worker_failure():
         launch(TWO_PROCESSES, CPU, _fail_on_rank_one)
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_two_processes_extract_the_same_features_as_one(tmp_path):
     backbone = build_backbone(BackboneSettings(image_size=48))
     index, _, _ = build_image_index(DataSettings(), seed=0)
@@ -212,6 +214,7 @@ def _one_training_step_gradients(context: ProcessContext) -> dict[str, torch.Ten
     return {name: p.grad for name, p in network.named_parameters()}
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_global_batchnorm_on_two_processes_gives_one_processs_gradients():
     # float64: the two computations are the same mathematics in another order; float32 rounding
     # (and ReLU6 masks at the kink) would blur the comparison.

@@ -65,6 +65,7 @@ def train(tmp_path, name="run", backbone=TINY, resume=False, **overrides):
     )
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_same_seed_same_result(tmp_path):
     first = train(tmp_path, "a")
     second = train(tmp_path, "b")

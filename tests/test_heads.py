@@ -134,6 +134,7 @@ def test_cross_validation_is_seeded_and_refits_on_everything(splits):
     assert first.model["scale"].n_samples_seen_ == len(train[1]) + len(val[1])
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_every_project_head_is_stored_by_mlflow_with_the_types_the_catalog_trusts(tmp_path):
     """The MLflow copy of the head (skops format) refuses types it is not told to trust."""
     import mlflow.sklearn

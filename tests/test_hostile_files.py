@@ -163,6 +163,7 @@ def as_unprivileged_user() -> list[str]:
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_a_file_without_read_permission_is_skipped():
     reachable = subprocess.run(
         [*as_unprivileged_user(), sys.executable, "-c", "import transfer_learning.data.index"],
@@ -200,6 +201,7 @@ print(image.shape[1], image.shape[2], status)
 """
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_a_12000_by_9000_photo_is_decoded_at_reduced_scale_in_bounded_memory(tmp_path):
     path = tmp_path / "huge.jpg"
     # A smooth 108-megapixel photo (upscaled from a real one) compresses to a few MB.

@@ -273,6 +273,7 @@ def _check_outputs(outputs: dict, strategy: str, index: pd.DataFrame, tmp_path) 
     return tasks
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_feature_transfer_fits_one_head_per_task_on_one_set_of_features(digits_manifest, tmp_path):
     manifest, _ = digits_manifest
     index, class_names, *_ = index_images(data_params(manifest), seed=0)
@@ -301,6 +302,7 @@ def test_feature_transfer_fits_one_head_per_task_on_one_set_of_features(digits_m
     assert tasks["digit"]["accuracy"] > 0.6 and tasks["parity"]["accuracy"] > 0.7
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_fine_tuning_trains_one_network_for_every_task(digits_manifest, tmp_path):
     """With learned task weights; the default equal weights run in test_run's two-task run."""
     manifest, _ = digits_manifest

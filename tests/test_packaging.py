@@ -137,6 +137,7 @@ def test_weights_replaced_by_a_code_carrying_pickle_are_refused_without_running_
     assert not marker.exists()
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_a_model_folder_packaged_with_pickle_is_refused_before_mlflow_reads_it(
     head_model, tmp_path
 ):
@@ -231,6 +232,7 @@ def imported_packages(source_files: list[str]) -> set[str]:
     return names - set(sys.stdlib_module_names) - {"__future__", "transfer_learning"}
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_a_saved_model_states_pinned_requirements_that_cover_what_it_imports(
     head_model, photos, tmp_path
 ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
@@ -34,6 +35,7 @@ def test_registry_names_the_three_strategies_once():
     )
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_a_toy_strategy_runs_through_evaluation_and_comparison():
     pipelines = build_pipelines((STRATEGIES[0], TOY))
     assert {"extract_image_features", f"{TOY.name}.evaluate_test_predictions"} <= node_names(

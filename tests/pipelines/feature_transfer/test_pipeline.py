@@ -65,6 +65,7 @@ def test_test_split_never_reaches_head_selection(selection):
     )
 
 
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_feature_transfer_and_evaluation_end_to_end(tmp_path):
     """Real features of real digits → head → packaged model → test split scored by that model."""
     index, classes, _ = build_image_index(DataSettings(), seed=0)
