@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+import pytest
 from matplotlib.colors import to_rgba
 
+from transfer_learning.pipelines.comparison.nodes import compare_strategies
 from transfer_learning.reporting.comparison import (
     FALLBACK_COLOUR,
     Control,
@@ -13,6 +18,8 @@ from transfer_learning.reporting.comparison import (
     recall_table,
     task_table,
 )
+from transfer_learning.reporting.evaluation import evaluate_predictions
+from transfer_learning.reporting.statistics import bootstrap_intervals
 
 
 def report(strategy: str, accuracy: float, **extra) -> dict:
@@ -116,3 +123,83 @@ def test_every_task_of_a_multi_task_run_gets_a_row_per_strategy():
     assert "Every task" not in comparison_markdown(
         comparison_table(REPORTS), tasks=task_table(REPORTS)
     )
+
+
+def scored(strategy: str, labels: np.ndarray, predicted: np.ndarray, fit_seconds: float):
+    """A strategy's metrics (as evaluation writes them, intervals included) and its test
+    predictions, for predictions given as labels."""
+    probabilities = np.eye(5)[predicted] * 0.9 + 0.02
+    metrics = evaluate_predictions(labels, probabilities, [str(c) for c in range(5)])[0]
+    intervals = bootstrap_intervals(labels, predicted, 5)
+    report = {
+        "strategy": strategy,
+        **metrics,
+        **{f"{name}_interval": value for name, value in intervals.items()},
+        "fit_seconds": fit_seconds,
+        "predict_seconds": 1.0,
+        "trainable_parameters": 1000,
+    }
+    return report, {"label": labels, "probabilities": probabilities}
+
+
+def constructed(n_images: int, extra_right: int):
+    """Three strategies on the same images: `costly` gets `extra_right` more right than `cheap`,
+    `weak` gets a third of them wrong."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, n_images)
+    common = rng.random(n_images) < 0.85
+    cheap = np.where(common, labels, (labels + 1) % 5)
+    costly = cheap.copy()
+    fixed = np.flatnonzero(~common)[:extra_right]
+    costly[fixed] = labels[fixed]
+    weak = np.where(rng.random(n_images) < 0.66, labels, (labels + 2) % 5)
+    return [
+        scored("cheap", labels, cheap, 2.0),
+        scored("costly", labels, costly, 300.0),
+        scored("weak", labels, weak, 1.0),
+    ]
+
+
+def run_comparison(strategies):
+    reports = [report for report, _ in strategies]
+    predictions = [arrays for _, arrays in strategies]
+    colours = {"cheap": "#4C72B0", "costly": "#DD8452", "weak": "#55A868"}
+    return compare_strategies(*reports, *predictions, colours=colours, controls=())
+
+
+def test_one_image_apart_the_report_says_no_difference_is_detectable_and_picks_the_cheaper():
+    markdown, figure, record, tags = run_comparison(constructed(150, 1))
+    assert markdown.index("**Recommendation: cheap.**") < markdown.index("| strategy |")
+    assert "not significantly below costly" in markdown
+    pair = next(p for p in record["pairwise"] if {p["a"], p["b"]} == {"cheap", "costly"})
+    assert (pair["a_only_right"], pair["b_only_right"]) == (0, 1)
+    assert pair["p_value"] == pytest.approx(1.0) and pair["test"] == "mcnemar_exact"
+    assert record["recommendation"]["strategy"] == "cheap" == tags["recommended_strategy"]
+    # weak is far below both: significant after Holm, so not every pair is "not detectable".
+    assert "no difference between the strategies is detectable" not in markdown
+    low, high = record["strategies"]["cheap"]["accuracy_interval"]
+    assert low < record["strategies"]["cheap"]["accuracy"] < high
+    assert f"| cheap | {record['strategies']['cheap']['accuracy']:.4f} [{low:.3f}, {high:.3f}]" in (
+        markdown
+    )
+    # Error bars: one line collection per panel with intervals (accuracy and macro-F1).
+    assert len(figure.axes[0].collections) == 1 and len(figure.axes[1].collections) == 1
+    assert not figure.axes[2].collections  # ECE has no interval
+    resolution = record["detectability"]
+    assert resolution["between"] == ["costly", "cheap"] and resolution["n_test"] == 150
+    assert "smallest accuracy difference" in markdown or "no difference between them" in markdown
+
+
+def test_many_images_apart_the_more_accurate_is_recommended():
+    markdown, _, record, _ = run_comparison(constructed(2000, 120))
+    pair = next(p for p in record["pairwise"] if {p["a"], p["b"]} == {"cheap", "costly"})
+    assert pair["p_value_holm"] < 1e-20
+    assert record["recommendation"]["strategy"] == "costly"
+    assert "**Recommendation: costly.**" in markdown
+    assert json.loads(json.dumps(record)) == record  # plain JSON
+
+
+def test_when_no_pair_differs_the_report_says_so_plainly():
+    strategies = constructed(150, 1)[:2]
+    markdown, *_ = run_comparison(strategies)
+    assert "no difference between the strategies is detectable" in markdown

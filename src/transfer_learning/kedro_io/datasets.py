@@ -82,6 +82,27 @@ class MlflowParamsDataset(AbstractDataset):
         return {"prefix": self.prefix}
 
 
+class MlflowTagsDataset(AbstractDataset):
+    """Sets a dict as tags `<prefix>.<key>` of the active MLflow run (write only): what a run
+    concluded, searchable in the runs table (e.g. the recommended strategy)."""
+
+    def __init__(self, prefix: str, metadata: dict[str, Any] | None = None) -> None:
+        self.prefix = prefix
+        self.metadata = metadata
+
+    def load(self) -> dict[str, str]:
+        raise DatasetError(f"{self.prefix} tags are set on the MLflow run, not read back.")
+
+    def save(self, data: dict[str, str]) -> None:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.set_tags({f"{self.prefix}.{key}": str(value) for key, value in data.items()})
+
+    def _describe(self) -> dict[str, Any]:
+        return {"prefix": self.prefix}
+
+
 class MlflowChildRunsDataset(AbstractDataset):
     """Logs each row of a table as a child run of the active MLflow run (write only).
 

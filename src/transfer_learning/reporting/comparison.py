@@ -6,8 +6,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from transfer_learning.reporting.statistics import (
+    ALPHA,
+    detectability,
+    pairwise_comparisons,
+    recommendation,
+)
 
 COLUMNS = ("accuracy", "macro_f1", "ece", "fit_seconds", "trainable_parameters")
 TITLES = {
@@ -30,13 +38,18 @@ class Control:
 
 
 TABLE_ONLY = ("balanced_accuracy", "image_size")  # in comparison.md, not in the chart
+# 95 % bootstrap intervals of the metrics that have one (`<metric>_interval` in the reports).
+INTERVALS = ("accuracy_interval", "balanced_accuracy_interval", "macro_f1_interval")
 
 
 def comparison_table(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per strategy with the compared metrics, in the order given."""
     return pd.DataFrame(
         [
-            {"strategy": report["strategy"], **{c: report.get(c) for c in COLUMNS + TABLE_ONLY}}
+            {
+                "strategy": report["strategy"],
+                **{c: report.get(c) for c in COLUMNS + TABLE_ONLY + INTERVALS},
+            }
             for report in reports
         ]
     ).set_index("strategy")
@@ -63,13 +76,18 @@ def comparison_markdown(
     controls: Sequence[Control] = (),
     recall: pd.DataFrame | None = None,
     tasks: pd.DataFrame | None = None,
+    statistics: Mapping[str, Any] | None = None,
 ) -> str:
+    """comparison.md: with `statistics` (pairwise tests, recommendation, detectability: see
+    `reporting.statistics`), the answer first — which strategy, and how sure."""
     header = (
         "| strategy | accuracy | balanced accuracy | macro-F1 | ECE | train time (s) "
         "| trainable parameters | image size (px) |"
     )
     rows = [
-        f"| {name} | {r.accuracy:.4f} | {_number(r.balanced_accuracy)} | {r.macro_f1:.4f} "
+        f"| {name} | {_with_interval(r.accuracy, r.accuracy_interval)} "
+        f"| {_with_interval(r.balanced_accuracy, r.balanced_accuracy_interval)} "
+        f"| {_with_interval(r.macro_f1, r.macro_f1_interval)} "
         f"| {r.ece:.4f} | {r.fit_seconds:.1f} | {int(r.trainable_parameters):,} "
         f"| {_size(r.image_size)} |"
         for name, r in table.iterrows()
@@ -77,13 +95,20 @@ def comparison_markdown(
     lines = [
         "# Transfer strategies compared on the test split",
         "",
+        *(_answer(statistics) if statistics else []),
         header,
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"Best test accuracy: **{table['accuracy'].idxmax()}**. Balanced accuracy is the mean of "
-        "the per-class recalls (below): it weighs every class equally, whatever its size. ECE is "
-        "the expected calibration error (15 bins; lower is better).",
+        f"Best test accuracy: **{table['accuracy'].idxmax()}**. "
+        + (
+            "In brackets: 95 % intervals (percentile bootstrap over the test images). "
+            if table["accuracy_interval"].notna().any()
+            else ""
+        )
+        + "Balanced accuracy is the mean of the per-class recalls (below): it weighs every class "
+        "equally, whatever its size. ECE is the expected calibration error (15 bins; lower is "
+        "better).",
     ]
     for control in controls:
         if {control.treated, control.control} <= set(table.index):
@@ -92,6 +117,8 @@ def comparison_markdown(
                 f"{control.shows[:1].upper()}{control.shows[1:]}: {control.treated} − "
                 f"{control.control} = {gap * 100:+.1f} accuracy points."
             )
+    if statistics and statistics.get("pairwise"):
+        lines += _pairwise_lines(statistics["pairwise"])
     if tasks is not None and not tasks.empty:
         lines += [
             "",
@@ -120,6 +147,73 @@ def comparison_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _answer(statistics: Mapping[str, Any]) -> list[str]:
+    """The recommendation and how fine a difference the test set resolves, in words."""
+    chosen = statistics["recommendation"]
+    lines = [f"**Recommendation: {chosen['strategy']}.** {chosen['reason']}", ""]
+    pairwise = statistics.get("pairwise", [])
+    if pairwise and all(pair["p_value_holm"] >= ALPHA for pair in pairwise):
+        lines += [
+            f"On these {statistics['n_test']} test images **no difference between the "
+            "strategies is detectable**: every paired test (below) has a Holm-adjusted "
+            f"p ≥ {ALPHA}. Choose by cost, or test on more images.",
+            "",
+        ]
+    resolution = statistics.get("detectability") or {}
+    if resolution:
+        first, second = resolution["between"]
+        smallest = resolution["detectable_difference"]
+        needed = resolution["images_for_one_point"]
+        disagreement = resolution["disagreement"]
+        text = (
+            f"How fine this test set resolves: {first} and {second} disagree on "
+            f"{disagreement:.1%} of the {resolution['n_test']} test images; "
+        )
+        text += (
+            f"the smallest accuracy difference between them it detects (80 % power, α 0.05) is "
+            f"{smallest * 100:.1f} points"
+            if smallest is not None
+            else "no difference between them is detectable with these images"
+        )
+        text += (
+            f", and detecting a 1-point difference would need about {needed:,} test images."
+            if needed is not None
+            else "; they disagree too rarely for a 1-point difference to arise."
+        )
+        lines += [text, ""]
+    return lines
+
+
+def _pairwise_lines(pairwise: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [
+        "",
+        "## Paired comparisons (the same test images)",
+        "",
+        "| a | b | accuracy a − b (points) | 95 % interval | only a right | only b right "
+        "| McNemar p | Holm-adjusted p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {pair['a']} | {pair['b']} | {pair['accuracy_difference'] * 100:+.1f} "
+            f"| [{pair['interval'][0] * 100:+.1f}, {pair['interval'][1] * 100:+.1f}] "
+            f"| {pair['a_only_right']} | {pair['b_only_right']} | {pair['p_value']:.2g} "
+            f"| {pair['p_value_holm']:.2g} |"
+            for pair in pairwise
+        ),
+        "",
+        "The exact McNemar test asks whether the images only one strategy gets right split "
+        'unevenly; Holm\'s adjustment keeps the chance of any false "significant" among all '
+        f"pairs under {ALPHA}. The interval is a paired bootstrap of the difference.",
+    ]
+
+
+def _with_interval(value: Any, interval: Any) -> str:
+    if value is None or (not isinstance(value, (list, tuple)) and pd.isna(value)):
+        return "–"
+    if isinstance(interval, (list, tuple)) and len(interval) == 2:
+        return f"{float(value):.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return f"{float(value):.4f}"
+
+
 def _number(value: Any) -> str:
     return "–" if value is None or pd.isna(value) else f"{float(value):.4f}"
 
@@ -128,16 +222,73 @@ def _size(value: Any) -> str:
     return "–" if value is None or pd.isna(value) else str(int(value))
 
 
+def _error_bars(table: pd.DataFrame, column: str) -> np.ndarray | None:
+    """Distances from each bar to its interval's ends (2 × strategies), or None without any."""
+    intervals = table.get(f"{column}_interval")
+    if intervals is None or not intervals.map(lambda v: isinstance(v, (list, tuple))).any():
+        return None
+    values = table[column].astype(float).to_numpy()
+    low = np.array([v[0] if isinstance(v, (list, tuple)) else np.nan for v in intervals])
+    high = np.array([v[1] if isinstance(v, (list, tuple)) else np.nan for v in intervals])
+    return np.nan_to_num(np.vstack([values - low, high - values]))
+
+
 def comparison_figure(table: pd.DataFrame, colours: Mapping[str, str]) -> Figure:
-    """One bar panel per compared metric, one bar per strategy in its registry colour."""
+    """One bar panel per compared metric, one bar per strategy in its registry colour; 95 %
+    intervals as error bars where the reports have them."""
     figure = Figure(figsize=(3.2 * len(COLUMNS), 3.6))
     axes = figure.subplots(1, len(COLUMNS))
     bar_colours = [colours.get(name, FALLBACK_COLOUR) for name in table.index]
     for ax, column in zip(axes, COLUMNS, strict=True):
-        ax.bar(range(len(table)), table[column].astype(float), color=bar_colours)
+        values = table[column].astype(float)
+        ax.bar(range(len(table)), values, color=bar_colours, yerr=_error_bars(table, column))
         ax.set_xticks(range(len(table)), [s.replace("_", "\n") for s in table.index], fontsize=8)
         ax.set_title(TITLES[column])
         if column == "trainable_parameters":
             ax.set_yscale("log")
     figure.tight_layout()
     return figure
+
+
+RECORDED = ("accuracy", "balanced_accuracy", "macro_f1", "ece", "n_test", "fit_seconds")
+
+
+def comparison_statistics(
+    reports: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, Any]:
+    """Paired tests of every pair of strategies on their test predictions (first task), the
+    recommendation and how fine a difference the test set resolves."""
+    names = [report["strategy"] for report in reports]
+    by_name = {
+        name: (arrays["label"], np.asarray(arrays["probabilities"]).argmax(axis=1))
+        for name, arrays in zip(names, predictions, strict=True)
+    }
+    pairwise = pairwise_comparisons(by_name) if len(names) > 1 else []
+    summaries = {
+        report["strategy"]: {**report, "predict_seconds": report.get("predict_seconds", 0.0)}
+        for report in reports
+    }
+    n_test = len(next(iter(by_name.values()))[0])
+    return {
+        "n_test": n_test,
+        "pairwise": [pair.as_dict() for pair in pairwise],
+        "recommendation": recommendation(summaries, pairwise),
+        "detectability": detectability(summaries, pairwise, n_test),
+    }
+
+
+def comparison_record(
+    reports: Sequence[Mapping[str, Any]], statistics: Mapping[str, Any]
+) -> dict[str, Any]:
+    """comparison.json: every strategy's metrics and intervals, the pairwise tests and the
+    recommendation, for programs to read."""
+    keys = RECORDED + INTERVALS + ("predict_seconds",)
+    return {
+        "strategies": {
+            report["strategy"]: {key: report[key] for key in keys if key in report}
+            for report in reports
+        },
+        "pairwise": statistics["pairwise"],
+        "recommendation": statistics["recommendation"],
+        "detectability": statistics["detectability"],
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,13 @@ def score_test_split(image_model: Any, test_index: pd.DataFrame) -> dict[str, np
     code that `predict` and `mlflow models serve` run, so the metrics describe what is deployed.
     Arrays: `label` and `probabilities` of the (first) task; with several tasks also
     `task_labels` (one column per task, `tasks.MISSING` where absent) and `probabilities_<k>`
-    of task k.
+    of task k; `predict_seconds`, the wall time of scoring them (the strategy's inference cost).
     """
     classifier = local_image_classifier(image_model)
     locations = test_index["location"].tolist()
+    started = time.perf_counter()
     predictions = classifier.predict_files(locations)
+    seconds = time.perf_counter() - started
     failed = predictions[predictions["error"] != ""]
     if not failed.empty:
         listing = "\n".join(
@@ -56,6 +59,7 @@ def score_test_split(image_model: Any, test_index: pd.DataFrame) -> dict[str, np
         "label": labels[:, 0],
         "probabilities": probabilities[0],
         "location": np.asarray(locations, dtype=str),
+        "predict_seconds": np.asarray(seconds, dtype=np.float64),
     }
     if tasks.multi:
         arrays["task_labels"] = labels

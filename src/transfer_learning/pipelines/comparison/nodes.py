@@ -11,6 +11,8 @@ from transfer_learning.reporting.comparison import (
     Control,
     comparison_figure,
     comparison_markdown,
+    comparison_record,
+    comparison_statistics,
     comparison_table,
     recall_table,
     task_table,
@@ -18,14 +20,25 @@ from transfer_learning.reporting.comparison import (
 
 
 def compare_strategies(
-    *reports: dict[str, Any], colours: Mapping[str, str], controls: tuple[Control, ...]
-) -> tuple[str, Figure]:
-    """comparison.md (with balanced accuracy, per-class recall and, with several label columns,
-    every task's metrics) and a bar chart of accuracy,
-    macro-F1, ECE, train time, trainable parameters.
+    *inputs: Any, colours: Mapping[str, str], controls: tuple[Control, ...]
+) -> tuple[str, Figure, dict[str, Any], dict[str, str]]:
+    """comparison.md (the recommendation and how sure first; metrics with 95 % intervals; paired
+    tests; per-class recall; with several label columns every task's metrics), the chart with
+    error bars, comparison.json, and the recommendation as an MLflow tag.
 
-    `reports` are the strategies' `<strategy>.metrics`, any number of them, in registry order.
+    `inputs` are every strategy's `<strategy>.metrics`, then every strategy's
+    `<strategy>.test_predictions`, in registry order.
     """
+    reports, predictions = inputs[: len(inputs) // 2], inputs[len(inputs) // 2 :]
     table = comparison_table(reports)
-    markdown = comparison_markdown(table, controls, recall_table(reports), task_table(reports))
-    return markdown, comparison_figure(table, colours)
+    statistics = comparison_statistics(reports, predictions)
+    markdown = comparison_markdown(
+        table, controls, recall_table(reports), task_table(reports), statistics
+    )
+    tags = {"recommended_strategy": statistics["recommendation"]["strategy"]}
+    return (
+        markdown,
+        comparison_figure(table, colours),
+        comparison_record(reports, statistics),
+        tags,
+    )

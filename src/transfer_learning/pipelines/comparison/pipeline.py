@@ -25,8 +25,16 @@ def create_pipeline(strategies: Sequence[Strategy] = (), **kwargs) -> Pipeline:
         [
             Node(
                 func=compare,
-                inputs=[f"{s.name}.metrics" for s in strategies],
-                outputs=["comparison_report", "comparison_chart"],
+                inputs=[
+                    *(f"{s.name}.metrics" for s in strategies),
+                    *(f"{s.name}.test_predictions" for s in strategies),
+                ],
+                outputs=[
+                    "comparison_report",
+                    "comparison_chart",
+                    "comparison_record",
+                    "comparison_tags",
+                ],
                 name="compare_strategies",
             )
         ]

@@ -16,6 +16,7 @@ from transfer_learning.reporting.evaluation import (
     evaluate_predictions,
     reliability_figure,
 )
+from transfer_learning.reporting.statistics import bootstrap_intervals
 from transfer_learning.serving.classifier import ImageClassifier
 from transfer_learning.serving.packaging import local_image_classifier
 
@@ -40,29 +41,40 @@ def evaluate_test_predictions(
     figure a panel per task; MLflow gets `<task>.<metric>` too.
     """
     tasks = Tasks.from_class_names(class_names)
-    evaluated = {
-        task: evaluate_predictions(*_task_predictions(test_predictions, k), tasks.classes[task])
-        for k, task in enumerate(tasks.names)
-    }
+    evaluated, intervals = {}, {}
+    for k, task in enumerate(tasks.names):
+        labels, probabilities = _task_predictions(test_predictions, k)
+        evaluated[task] = evaluate_predictions(labels, probabilities, tasks.classes[task])
+        intervals[task] = {
+            f"{name}_interval": interval
+            for name, interval in bootstrap_intervals(
+                labels, probabilities.argmax(axis=1), len(tasks.classes[task])
+            ).items()
+        }
     metrics, per_class, reliability, _ = evaluated[tasks.names[0]]
     metrics["fit_seconds"] = float(training_summary["fit_seconds"])
+    metrics["predict_seconds"] = float(test_predictions.get("predict_seconds", 0.0))
     metrics["trainable_parameters"] = int(training_summary.get("trainable_parameters", 0))
     resolved = dict(training_summary.get("resolved", {}))
     recall = dict(zip(per_class["class_name"], per_class["recall"].astype(float), strict=True))
-    report = {"strategy": strategy, **metrics, **resolved, "recall": recall}
-    logged = dict(metrics)
+    first = intervals[tasks.names[0]]
+    report = {"strategy": strategy, **metrics, **first, **resolved, "recall": recall}
+    logged = {**metrics, **_interval_ends(first)}
     title = f"{strategy}: confusion matrix (test)"
     matrices = {title: (evaluated[tasks.names[0]][3], tasks.primary)}
     if tasks.multi:
         report["tasks"] = {
-            task: {name: result[0][name] for name in TASK_METRICS}
+            task: {**{name: result[0][name] for name in TASK_METRICS}, **intervals[task]}
             for task, result in evaluated.items()
         }
         logged.update(
             {
                 f"{task}.{name}": value
-                for task, row in report["tasks"].items()
-                for name, value in row.items()
+                for task in tasks.names
+                for name, value in {
+                    **{name: evaluated[task][0][name] for name in TASK_METRICS},
+                    **_interval_ends(intervals[task]),
+                }.items()
             }
         )
         per_class = pd.concat(
@@ -80,6 +92,15 @@ def evaluate_test_predictions(
         mlflow_metrics(logged),
         resolved,
     )
+
+
+def _interval_ends(intervals: dict[str, list[float]]) -> dict[str, float]:
+    """`accuracy_interval: [low, high]` → MLflow metrics `accuracy_interval_low`, `_high`."""
+    return {
+        f"{name}_{end}": value
+        for name, (low, high) in intervals.items()
+        for end, value in (("low", low), ("high", high))
+    }
 
 
 def _task_predictions(arrays: dict[str, np.ndarray], task: int) -> tuple[np.ndarray, np.ndarray]:
