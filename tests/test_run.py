@@ -119,6 +119,17 @@ def test_default_run_is_one_mlflow_run_with_params_metrics_and_artefacts(default
     for strategy in STRATEGY_NAMES:
         assert run.data.params[f"{strategy}.resolved.image_size"] == "48"
     assert run.data.params["parameter_transfer.resolved.hflip"] == "False"
+    # How sure: every strategy's accuracy interval, and the recommendation as a tag.
+    record = json.loads((default_run.reports / "comparison.json").read_text())
+    for strategy in STRATEGY_NAMES:
+        low, high = record["strategies"][strategy]["accuracy_interval"]
+        assert run.data.metrics[f"{strategy}.accuracy_interval_low"] == pytest.approx(low)
+        assert low <= run.data.metrics[f"{strategy}.accuracy"] <= high
+    assert len(record["pairwise"]) == 3
+    recommended = run.data.tags["comparison.recommended_strategy"]
+    assert recommended == record["recommendation"]["strategy"] and recommended in STRATEGY_NAMES
+    comparison = (default_run.reports / "comparison.md").read_text()
+    assert f"**Recommendation: {recommended}.**" in comparison
     history = client.get_metric_history(run.info.run_id, "parameter_transfer.val_accuracy")
     assert [point.step for point in history] == list(range(1, len(history) + 1))
     assert len(history) > 1

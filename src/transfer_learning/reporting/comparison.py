@@ -167,7 +167,7 @@ def _answer(statistics: Mapping[str, Any]) -> list[str]:
         disagreement = resolution["disagreement"]
         text = (
             f"How fine this test set resolves: {first} and {second} disagree on "
-            f"{disagreement:.1%} of the {resolution['n_test']} test images; "
+            f"{disagreement * 100:.1f} % of the {resolution['n_test']} test images; "
         )
         text += (
             f"the smallest accuracy difference between them it detects (80 % power, α 0.05) is "

@@ -215,19 +215,20 @@ def recommendation(
     accuracy = summaries[best]["accuracy"]
     if chosen == best:
         others = [name for name in summaries if name != best]
-        reason = f"{best} is the most accurate ({accuracy:.1%})" + (
+        reason = f"{best} is the most accurate ({accuracy * 100:.1f} %)" + (
             " and every cheaper strategy is significantly less accurate on this test set."
             if any(cost(name) < cost(best) for name in others)
             else " and the cheapest of those not significantly below it."
         )
     else:
         pair = pair_with_best(chosen)
-        gap = summaries[chosen]["accuracy"] - accuracy
+        own = summaries[chosen]["accuracy"]
         reason = (
             f"{chosen} costs least ({cost(chosen):.0f} s to train and score against "
-            f"{cost(best):.0f} s for {best}) and its accuracy, {summaries[chosen]['accuracy']:.1%}, "
-            f"is not significantly below {best}'s {accuracy:.1%} (difference {gap * 100:+.1f} "
-            f"points, Holm-adjusted McNemar p = {pair.p_value_holm:.2g})."
+            f"{cost(best):.0f} s for {best}) and its accuracy, {own * 100:.1f} %, is not "
+            f"significantly below {best}'s {accuracy * 100:.1f} % (difference "
+            f"{(own - accuracy) * 100:+.1f} points, Holm-adjusted McNemar p = "
+            f"{pair.p_value_holm:.2g})."
         )
     return {"strategy": chosen, "most_accurate": best, "reason": reason}
 

@@ -42,7 +42,8 @@ def test_same_seed_same_metrics_on_cpu(tmp_path):
     overrides = {"backbone": {"image_size": 32}}
     first = run("parameter_transfer", tmp_path, overrides)["parameter_transfer.metrics"]
     second = run("parameter_transfer", tmp_path, overrides)["parameter_transfer.metrics"]
-    first.pop("fit_seconds"), second.pop("fit_seconds")
+    for timing in ("fit_seconds", "predict_seconds"):  # wall times differ between runs
+        first.pop(timing), second.pop(timing)
     assert first == second
     assert first["n_test"] == 60 and first["strategy"] == "parameter_transfer"
 
