@@ -61,10 +61,6 @@ class AdaptationMethod:
     needs_batchnorm: bool = False  # applies only to networks with BatchNorm layers
 
 
-def positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def invalid_fields(settings: Any, checks: Mapping[str, Callable[[Any], bool]]) -> list[str]:
     """The names of `settings`' fields whose value fails its check."""
     return [f.name for f in fields(settings) if not checks[f.name](getattr(settings, f.name))]

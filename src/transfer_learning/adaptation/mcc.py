@@ -19,9 +19,9 @@ from transfer_learning.adaptation.base import (
     AdaptationMethod,
     NetworkSource,
     invalid_fields,
-    positive_int,
 )
 from transfer_learning.adaptation.network import SourceNetwork, TargetImages
+from transfer_learning.core.config import positive_int
 from transfer_learning.core.strategies import NETWORK
 from transfer_learning.data.loading import (
     ImageDataset,

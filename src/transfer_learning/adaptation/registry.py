@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transfer_learning.adaptation import adabn, coral, mcc, standardise, tent
-from transfer_learning.adaptation.base import AdaptationError, AdaptationMethod, positive_int
-from transfer_learning.core.config import check_known_keys
+from transfer_learning.adaptation.base import AdaptationError, AdaptationMethod
+from transfer_learning.core.config import check_known_keys, positive_int
 from transfer_learning.core.strategies import pretrained_of_kind
 
 logger = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from transfer_learning.adaptation.base import (
     AdaptationMethod,
     NetworkSource,
     invalid_fields,
-    positive_int,
 )
 from transfer_learning.adaptation.network import SourceNetwork, TargetImages, batchnorm_layers
+from transfer_learning.core.config import positive_int
 from transfer_learning.core.strategies import NETWORK
 from transfer_learning.training.trainer import isolated_randomness_and_threads, train_steps
 

@@ -42,3 +42,8 @@ def with_overrides(
     check_known_keys(settings_class, shared, shared_block, error)
     check_known_keys(settings_class, overrides or {}, override_block, error)
     return {**shared, **(overrides or {})}
+
+
+def positive_int(value: Any) -> bool:
+    """A whole number ≥ 1 (a bool is not a number here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from transfer_learning.core.config import check_known_keys, require_known_keys, with_overrides
+from transfer_learning.core.config import (
+    check_known_keys,
+    positive_int,
+    require_known_keys,
+    with_overrides,
+)
 from transfer_learning.core.tasks import Tasks
 from transfer_learning.models.backbones import (
     AUTO,
@@ -90,7 +95,7 @@ class FinetuneSettings:
             "mode": settings.mode in MODES,
             "optimizer": settings.optimizer in ("adamw", "sgd"),
             "epochs": _auto_or_positive(settings.epochs),
-            "steps": _positive_int(settings.steps),
+            "steps": positive_int(settings.steps),
             "batch_size": _auto_or_positive(settings.batch_size),
             "hflip": settings.hflip in (True, False, AUTO),
             "patience": settings.patience is None or _auto_or_positive(settings.patience),
@@ -148,16 +153,12 @@ class FinetuneSettings:
         return replace(self, batch_size=batch_size, epochs=epochs, hflip=hflip, patience=patience)
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _non_negative(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
 
 
 def _auto_or_positive(value: Any) -> bool:
-    return value == AUTO or _positive_int(value)
+    return value == AUTO or positive_int(value)
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -182,7 +183,7 @@ class TrainingRunSettings:
     def from_params(cls, params: Mapping[str, Any]) -> TrainingRunSettings:
         check_known_keys(cls, params, "training", TrainingError)
         settings = cls(**params)
-        if settings.micro_batch_size is not None and not _positive_int(settings.micro_batch_size):
+        if settings.micro_batch_size is not None and not positive_int(settings.micro_batch_size):
             raise TrainingError(
                 f"training.micro_batch_size={settings.micro_batch_size!r} must be null or an "
                 "integer ≥ 1."

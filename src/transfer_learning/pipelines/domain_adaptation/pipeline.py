@@ -13,7 +13,7 @@ from kedro.pipeline import Node, Pipeline
 
 from transfer_learning.adaptation.base import AdaptationMethod
 from transfer_learning.adaptation.registry import METHODS, base_strategy
-from transfer_learning.core.strategies import FEATURES, KINDS, pretrained_of_kind
+from transfer_learning.core.strategies import FEATURES, pretrained_strategies
 from transfer_learning.pipelines import bind
 
 from .nodes import (
@@ -32,7 +32,7 @@ from .nodes import (
 
 def source_strategies() -> tuple[str, ...]:
     """The strategies whose models are adapted: the pretrained one of each kind."""
-    return tuple(pretrained_of_kind(kind) for kind in KINDS)
+    return pretrained_strategies()
 
 
 def _adaptation_node(method: AdaptationMethod, registry: Sequence[AdaptationMethod]) -> Node:
