@@ -261,3 +261,52 @@ def test_a_saved_model_states_pinned_requirements_that_cover_what_it_imports(
     for package in imported_packages(loaded):
         distributions = {canonicalize_name(d) for d in owners.get(package, [])}
         assert distributions & installed, f"{package} is imported when serving, not required"
+
+
+def test_a_calibrated_combination_round_trips_and_predicts_the_weighted_tempered_mixture(
+    head_model, photos, tmp_path
+):
+    """Two members at their own temperatures, weighted, then a temperature of the whole: what
+    is saved loads as the same model, and predicts the mixture computed here by hand."""
+    from scipy.special import softmax
+
+    from transfer_learning.models.classifier import build_classifier
+    from transfer_learning.serving.classifier import CombinedClassifier
+
+    network, _ = build_classifier(BackboneSettings(image_size=48, pretrained=False), 2, seed=1)
+    network_model = ImageClassifier(
+        "parameter_transfer", CLASSES, "efficientnet_lite0", 48, network.state_dict()
+    )
+    members = [head_model.calibrated({"class": 2.0}), network_model.calibrated({"class": 0.5})]
+    combined = CombinedClassifier("ensemble", members, [1.0, 3.0]).calibrated({"class": 1.5})
+    assert combined.weights == [0.25, 0.75] and combined.image_size == 48
+
+    dataset, files = saved(combined, tmp_path)
+    artifacts = sorted(p.name for p in (files / "image_model" / "artifacts").iterdir())
+    assert artifacts == [
+        "member0_head.skops",
+        "member0_model.json",
+        "member0_network.pt",
+        "member1_model.json",
+        "member1_network.pt",
+        "model.json",
+    ]
+    loaded = local_image_classifier(dataset.load())
+    assert isinstance(loaded, CombinedClassifier) and loaded.temperatures == {"class": 1.5}
+    assert [m.temperatures for m in loaded.members] == [{"class": 2.0}, {"class": 0.5}]
+
+    def tempered(probabilities, temperature):
+        return softmax(np.log(probabilities) / temperature, axis=1)
+
+    raw = [
+        head_model.predict_files(photos).filter(like="probability_").to_numpy(float),
+        network_model.predict_files(photos).filter(like="probability_").to_numpy(float),
+    ]
+    expected = tempered(0.25 * tempered(raw[0], 2.0) + 0.75 * tempered(raw[1], 0.5), 1.5)
+    got = loaded.predict_files(photos).filter(like="probability_").to_numpy(float)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    # A member's weights replaced by a pickle are refused like a single model's.
+    (files / "image_model" / "artifacts" / "member1_network.pt").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(DatasetError, match="member1_network.pt is not a plain weights file"):
+        dataset.load()

@@ -125,7 +125,7 @@ def test_default_run_is_one_mlflow_run_with_params_metrics_and_artefacts(default
         low, high = record["strategies"][strategy]["accuracy_interval"]
         assert run.data.metrics[f"{strategy}.accuracy_interval_low"] == pytest.approx(low)
         assert low <= run.data.metrics[f"{strategy}.accuracy"] <= high
-    assert len(record["pairwise"]) == 3
+    assert len(record["pairwise"]) == len(STRATEGY_NAMES) * (len(STRATEGY_NAMES) - 1) // 2
     recommended = run.data.tags["comparison.recommended_strategy"]
     assert recommended == record["recommendation"]["strategy"] and recommended in STRATEGY_NAMES
     comparison = (default_run.reports / "comparison.md").read_text()
@@ -161,7 +161,7 @@ def test_bad_parameter_fails_with_a_clear_message_and_keeps_earlier_artefacts(de
     assert versions(project / INDEX) == before
 
 
-def test_default_run_compares_all_three_strategies_with_metrics_of_their_predictions(
+def test_default_run_compares_every_strategy_with_metrics_of_their_predictions(
     default_run,
 ):
     for strategy in STRATEGY_NAMES:
@@ -174,6 +174,21 @@ def test_default_run_compares_all_three_strategies_with_metrics_of_their_predict
         oracle = classification_metrics(stored["label"], stored["probabilities"])
         for key, value in oracle.items():
             assert metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (strategy, key)
+        # Every strategy's deployed model is calibrated on held-out images, never on test.
+        models = default_run.project / "data" / "06_models" / strategy
+        calibration = json.loads((models / "calibration.json").read_text())
+        assert calibration["temperature"] == pytest.approx(metrics["temperature"])
+        assert calibration["held_out_log_loss_after"] <= calibration["held_out_log_loss_before"]
+        assert 0 <= metrics["ece_uncalibrated"] <= 1
+    ensemble = json.loads(
+        (
+            default_run.project / "data" / "06_models" / "ensemble" / "training_summary.json"
+        ).read_text()
+    )
+    assert sum(ensemble["weights"].values()) == pytest.approx(1.0)
+    index = pd.read_parquet(default_run.saved(INDEX, "image_index.parquet"))
+    # The images both members held out: the val split.
+    assert ensemble["held_out_images"] == (index["split"] == "val").sum()
     comparison = (default_run.reports / "comparison.md").read_text()
     for strategy in STRATEGY_NAMES:
         assert f"| {strategy} |" in comparison

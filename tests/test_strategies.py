@@ -22,8 +22,13 @@ def node_names(pipeline) -> set[str]:
     return {node.name for node in pipeline.nodes}
 
 
-def test_registry_names_the_three_strategies_once():
-    assert STRATEGY_NAMES == ("feature_transfer", "parameter_transfer", "structure_transfer")
+def test_registry_names_the_strategies_once():
+    assert STRATEGY_NAMES == (
+        "feature_transfer",
+        "parameter_transfer",
+        "structure_transfer",
+        "ensemble",
+    )
     pipelines = register_pipelines()
     assert set(STRATEGY_NAMES) <= set(pipelines)
     # Each strategy's pipeline pulls in only the shared stages its inputs need.
@@ -33,6 +38,14 @@ def test_registry_names_the_three_strategies_once():
     assert {f"{name}.score_test_split" for name in STRATEGY_NAMES} <= node_names(
         pipelines["__default__"]
     )
+    # The ensemble runs its members' pipelines (not their evaluation) and is calibrated itself.
+    ensemble = node_names(pipelines["ensemble"])
+    assert {"feature_transfer.fit_head", "parameter_transfer.train_model"} <= ensemble
+    assert "structure_transfer.train_model" not in ensemble
+    assert "feature_transfer.score_test_split" not in ensemble
+    assert {"ensemble.combine_models", "ensemble.calibrate_image_model"} <= ensemble
+    for name in STRATEGY_NAMES:
+        assert f"{name}.calibrate_image_model" in node_names(pipelines["__default__"])
 
 
 @pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not

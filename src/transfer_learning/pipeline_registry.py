@@ -36,9 +36,12 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
     ingestion = data_ingestion.create_pipeline()
     shared = ingestion + feature_extraction.create_pipeline()
     names = [strategy.name for strategy in strategies]
+    # Created once: a combined strategy adds its members' very nodes, which Kedro then merges.
+    trained = {strategy.name: strategy.create_pipeline() for strategy in strategies}
     per_strategy = {}
     for strategy in strategies:
-        own = strategy.create_pipeline() + evaluation.evaluation_for(strategy.name)
+        members = sum((trained[name] for name in strategy.members), Pipeline([]))
+        own = trained[strategy.name] + members + evaluation.evaluation_for(strategy.name)
         # Only the shared stages that produce this strategy's inputs (features or not).
         per_strategy[strategy.name] = (
             shared.to_outputs(*(own.inputs() & shared.all_outputs())) + own

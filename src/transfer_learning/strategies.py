@@ -3,8 +3,9 @@
 Everything that concerns "all strategies" — the pipeline registry, evaluation, the comparison,
 predict's choice of model — iterates over `STRATEGIES`. A strategy is one module under
 `pipelines/` whose `create_pipeline()` ends in two datasets of its namespace:
-`<name>.image_model` (the deployable `serving.classifier.ImageClassifier`) and
-`<name>.training_summary` (with `fit_seconds` and `trainable_parameters`). Adding one is that
+`<name>.image_model` (the deployable, calibrated `serving.classifier.ImageModel`) and
+`<name>.training_summary` (with `fit_seconds` and `trainable_parameters`); a strategy of the
+combined kind reads its `members`' outputs, and their pipelines run with it. Adding one is that
 module, its facts in `core/strategies.py` (name, kind, colour) and one line below.
 """
 
@@ -17,6 +18,7 @@ from kedro.pipeline import Pipeline
 
 from transfer_learning.core.strategies import BY_NAME, StrategyFacts
 from transfer_learning.pipelines import (
+    ensemble,
     feature_transfer,
     parameter_transfer,
     structure_transfer,
@@ -40,6 +42,10 @@ class Strategy:
     def kind(self) -> str:
         return self.facts.kind
 
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.facts.members
+
 
 def _strategy(name: str, create_pipeline: Callable[[], Pipeline]) -> Strategy:
     return Strategy(BY_NAME[name], create_pipeline)
@@ -49,6 +55,7 @@ STRATEGIES: tuple[Strategy, ...] = (
     _strategy("feature_transfer", feature_transfer.create_pipeline),
     _strategy("parameter_transfer", parameter_transfer.create_pipeline),
     _strategy("structure_transfer", structure_transfer.create_pipeline),
+    _strategy("ensemble", ensemble.create_pipeline),
 )
 
 STRATEGY_NAMES: tuple[str, ...] = tuple(strategy.name for strategy in STRATEGIES)

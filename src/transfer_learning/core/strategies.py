@@ -5,7 +5,9 @@ No Kedro here: reports, learning curves and domain adaptation read these facts, 
 asks for strategies of a *kind*, never for names:
 
 - `FEATURES`: a head fitted on the frozen backbone's features (one fit, seconds);
-- `NETWORK`: a whole network trained with torch (one training run per model).
+- `NETWORK`: a whole network trained with torch (one training run per model);
+- `COMBINED`: the calibrated probabilities of other strategies' models (its `members`),
+  weighted on val; it trains nothing itself.
 
 `pretrained` says whether a strategy starts from the pretrained weights; the one that does not is
 the control that measures what those weights are worth.
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 
 FEATURES = "features"
 NETWORK = "network"
-KINDS = (FEATURES, NETWORK)
+COMBINED = "combined"
+KINDS = (FEATURES, NETWORK)  # the kinds that train a model of their own
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class StrategyFacts:
     pretrained: bool = True  # starts from the pretrained weights
     control_for: str | None = None  # a strategy this one is the control of
     control_shows: str = ""  # what the accuracy gap to `control_for` measures
+    members: tuple[str, ...] = ()  # COMBINED: the strategies whose models it combines
 
 
 STRATEGY_FACTS: tuple[StrategyFacts, ...] = (
@@ -52,6 +56,13 @@ STRATEGY_FACTS: tuple[StrategyFacts, ...] = (
         pretrained=False,
         control_for="parameter_transfer",
         control_shows="what the pretrained weights are worth here",
+    ),
+    StrategyFacts(
+        "ensemble",
+        COMBINED,
+        "feature_transfer's and parameter_transfer's calibrated probabilities, weighted on val",
+        "#8172B3",
+        members=("feature_transfer", "parameter_transfer"),
     ),
 )
 

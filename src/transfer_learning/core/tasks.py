@@ -90,6 +90,16 @@ def index_label_matrix(index: pd.DataFrame) -> np.ndarray:
     return index[columns].to_numpy(np.int64)
 
 
+def task_predictions(arrays: Mapping[str, np.ndarray], task: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities of task number `task` from scored arrays (`label` and
+    `probabilities`, or `task_labels` and `probabilities_<k>`), on the rows with its label."""
+    if "task_labels" not in arrays:
+        return arrays["label"], arrays["probabilities"]
+    labels = arrays["task_labels"][:, task]
+    labelled = labels != MISSING
+    return labels[labelled], arrays[f"probabilities_{task}"][labelled]
+
+
 def require_single_task(class_names: Mapping[str, Any], pipeline: str) -> None:
     """Pipelines that study one labelling refuse multi-task data with what to do instead."""
     tasks = Tasks.from_class_names(class_names)

@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
-from sklearn.model_selection import ParameterGrid, StratifiedKFold
+from sklearn.model_selection import ParameterGrid, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -227,7 +227,7 @@ def _import_estimator(settings: HeadSettings) -> ClassifierMixin:
     except (ImportError, AttributeError, ValueError) as error:
         raise HeadError(
             f"head.type={settings.type!r} is neither one of {', '.join(_HEADS)} nor an importable "
-            "scikit-learn classifier path such as sklearn.ensemble.RandomForestClassifier."
+            "scikit-learn classifier path such as sklearn.tree.DecisionTreeClassifier."
         ) from error
     params = dict(settings.params)
     if settings.class_weight and "class_weight" in estimator_class().get_params():
@@ -251,6 +251,19 @@ class FittedHead:
     selection: str  # "val" or "cv"
     chosen: dict[str, Any]  # the search row of the chosen point
     head_type: str = ""  # the type fitted (what `auto` chose)
+    held_out: HeldOut | None = None  # what the chosen head predicts on images it did not fit
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Predictions of the chosen head on images it was not fitted on (what calibration and a
+    combination's weights are fitted on): `rows` of train+val (train first), `probabilities`
+    with a column per label of `classes`, and how they were held out."""
+
+    rows: np.ndarray
+    probabilities: np.ndarray
+    classes: np.ndarray
+    how: str
 
 
 def _grid_points(
@@ -396,10 +409,7 @@ def select_and_fit(
         logger.info("head %s (%s): %s", settings.type, "cv" if cv else "val", row)
     chosen = candidates[best]
     model = clone(chosen.template).set_params(**chosen.point)
-    if settings.refit_on_train_val:
-        model.fit(np.concatenate([train[0], val[0]]), labels)
-    else:
-        model.fit(*train)
+    held_out = _fit_final(model, train, val, settings, seed)
     return FittedHead(
         model=model,
         best_params=chosen.params(),
@@ -409,4 +419,36 @@ def select_and_fit(
         selection="cv" if cv else "val",
         chosen=search[best],
         head_type=chosen.head_type,
+        held_out=held_out,
     )
+
+
+def _fit_final(model: Pipeline, train, val, settings: HeadSettings, seed: int) -> HeldOut | None:
+    """Fit the chosen head on train+val (or train alone); returns its held-out predictions."""
+    if settings.refit_on_train_val:
+        held_out = _out_of_fold(model, train, val, settings, seed)
+        model.fit(np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
+        return held_out
+    model.fit(*train)
+    return HeldOut(
+        len(train[1]) + np.arange(len(val[1])),
+        model.predict_proba(val[0]) if len(val[1]) else np.empty((0, len(model.classes_))),
+        np.asarray(model.classes_),
+        "val",
+    )
+
+
+def _out_of_fold(model: Pipeline, train, val, settings: HeadSettings, seed: int) -> HeldOut | None:
+    """Out-of-fold probabilities of the chosen head on train+val, the images the final head is
+    refitted on: each image is predicted by a fit on the other folds (none when some class has
+    a single image)."""
+    features, labels = np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]])
+    folds = min(settings.cv_folds, _smallest_class(labels))
+    if folds < 2:
+        return None
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    probabilities = cross_val_predict(
+        clone(model), features, labels, cv=splitter, method="predict_proba"
+    )
+    how = f"out-of-fold on train+val ({folds} folds)"
+    return HeldOut(np.arange(len(labels)), probabilities, np.unique(labels), how)

@@ -20,6 +20,7 @@ from scipy import stats
 from transfer_learning.core.config import check_known_keys
 from transfer_learning.core.strategies import (
     FEATURES,
+    KINDS,
     NETWORK,
     STRATEGY_FACTS,
     pretrained_of_kind,
@@ -37,7 +38,8 @@ CURVE_COLUMNS = [
     "fit_seconds",
     "head",
 ]
-CURVE_STRATEGIES = tuple(facts.name for facts in STRATEGY_FACTS)
+# A curve trains one model per point: the strategies that train one of their own.
+CURVE_STRATEGIES = tuple(facts.name for facts in STRATEGY_FACTS if facts.kind in KINDS)
 
 
 class CurveError(ValueError):

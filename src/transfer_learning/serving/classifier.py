@@ -1,14 +1,16 @@
 """One deployable model for every strategy: images in, class probabilities out (an MLflow pyfunc).
 
-The model carries everything it needs — architecture name, every weight, preprocessing, the head,
-the class names — so it predicts in a fresh process without downloads or the Kedro project. It is
-also what scores the test split: the metrics describe exactly the model users deploy.
+A model carries everything it needs — architecture name, every weight, preprocessing, the head,
+the class names, its calibration — so it predicts in a fresh process without downloads or the
+Kedro project. It is also what scores the test split: the metrics describe exactly the model
+users deploy.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import io
 import logging
 import os
@@ -27,6 +29,7 @@ from transfer_learning.core.tasks import PROBABILITY_PREFIX, SINGLE_TASK, Tasks
 from transfer_learning.data.images import decode_image_bytes, load_rgb_tensor
 from transfer_learning.data.loading import EvalCollate, Normaliser
 from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.models.calibration import apply_temperature
 from transfer_learning.reporting.evaluation import align_probabilities
 
 ERROR_COLUMN = "error"
@@ -88,13 +91,8 @@ def _positive_int_from(variable: str, default: int) -> int:
     return int(value)
 
 
-class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """A network (+ an optional scikit-learn head on its features) with its preprocessing.
-
-    `network_state` is either a fine-tuned `Classifier`'s weights (backbone + linear head; `head`
-    None) or a backbone's feature weights with `head` the scikit-learn pipeline on its features.
-    With several tasks (`tasks`: task → class names, several label columns) the linear head has
-    every task's classes side by side, or `head` is a `heads.TaskHeads`.
+class ImageModel(mlflow.pyfunc.PythonModel):
+    """Images in, class probabilities out: what every strategy's deployable model shares.
 
     `predict` — what `mlflow models serve` runs for network clients — takes a DataFrame with an
     `image` column (base64-encoded image bytes) and returns `predicted_class`, one
@@ -103,37 +101,41 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     (empty, or a code of ERRORS) and `error_message`. It never opens a path a client names, unless
     the deployer sets TRANSFER_LEARNING_ALLOW_PATHS=true. `predict_files` is the trusted local
     entry (the evaluation and the predict pipeline): it reads the user's own image files.
+
+    `temperatures` (task → T, fitted on held-out images by `models.calibration`) rescale what the
+    subclass's `uncalibrated_task_probabilities` gives; a task without one keeps T = 1.
     """
 
     def __init__(
         self,
         strategy: str,
         classes: Sequence[str],
-        backbone_name: str,
         image_size: int,
-        network_state: dict[str, torch.Tensor],
-        head: Any = None,
         batch_size: int = 64,
         tasks: Mapping[str, Sequence[str]] | None = None,
+        temperatures: Mapping[str, float] | None = None,
     ) -> None:
         self.strategy = strategy
         self.classes = list(classes)  # the first task's
         self.tasks = {k: list(v) for k, v in (tasks or {SINGLE_TASK: classes}).items()}
-        self.backbone_name = backbone_name
         self.image_size = int(image_size)
-        self.network_state = network_state
-        self.head = head
         self.batch_size = batch_size
-        self._network = None
+        self.temperatures = {task: float(t) for task, t in (temperatures or {}).items()}
 
     def __getstate__(self) -> dict[str, Any]:
-        # The built network (underscored attributes) is a cache: pickles carry the weights once.
+        # Built networks (underscored attributes) are a cache: pickles carry the weights once.
         return {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("tasks", {SINGLE_TASK: self.classes})
-        self._network = None
+        self.__dict__.setdefault("temperatures", {})
+
+    def calibrated(self, temperatures: Mapping[str, float]) -> ImageModel:
+        """A copy of this model whose probabilities are rescaled by `temperatures`."""
+        model = copy.copy(self)
+        model.temperatures = {task: float(t) for task, t in temperatures.items()}
+        return model
 
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Probabilities for every row of base64 `image` bytes (a network client's request)."""
@@ -168,41 +170,18 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         first task's)."""
         return self.task_probabilities(images)[0]
 
-    @torch.inference_mode()
     def task_probabilities(self, images: list[torch.Tensor]) -> list[np.ndarray]:
-        """Every task's class probabilities (float64, rows sum to 1), in task order."""
-        if self._network is None:
-            self._build()
-        dtype = autocast_dtype(self._device)
-        with torch.autocast(self._device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = self._network(self._normalise(self._collate(images))).float().cpu()
-        sizes = [len(names) for names in self.tasks.values()]
-        if self.head is None:
-            return [torch.softmax(part.double(), dim=1).numpy() for part in outputs.split(sizes, 1)]
-        heads = getattr(self.head, "heads", {SINGLE_TASK: self.head})  # TaskHeads or one head
-        features = outputs.numpy()
+        """Every task's calibrated class probabilities (float64, rows sum to 1), in task order."""
         return [
-            align_probabilities(head.predict_proba(features), head.classes_, size)
-            for head, size in zip(heads.values(), sizes, strict=True)
+            apply_temperature(scored, self.temperatures.get(task, 1.0))
+            for task, scored in zip(
+                self.tasks, self.uncalibrated_task_probabilities(images), strict=True
+            )
         ]
 
-    def _build(self) -> None:
-        from transfer_learning.models.classifier import build_classifier
-
-        settings = BackboneSettings(
-            name=self.backbone_name, image_size=self.image_size, pretrained=False
-        )
-        if self.head is None:
-            n_outputs = sum(len(names) for names in self.tasks.values())
-            network, backbone = build_classifier(settings, n_outputs, seed=0)
-        else:
-            backbone = build_backbone(settings)
-            network = backbone.features
-        network.load_state_dict(self.network_state)
-        self._device = resolve_device("auto")
-        self._network = network.to(self._device).to(memory_format=torch.channels_last).eval()
-        self._collate = EvalCollate(backbone.preprocessing)
-        self._normalise = Normaliser(backbone.preprocessing).to(self._device)
+    def uncalibrated_task_probabilities(self, images: list[torch.Tensor]) -> list[np.ndarray]:
+        """Every task's class probabilities before temperature scaling."""
+        raise NotImplementedError
 
     def _decode_row(self, row: dict[str, Any], limits: ServingLimits) -> torch.Tensor:
         # Missing cells arrive as None or NaN, depending on the column's other values.
@@ -274,6 +253,119 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         frame[ERROR_COLUMN] = errors
         frame[ERROR_MESSAGE_COLUMN] = [ERRORS.get(code, "") for code in errors]
         return frame
+
+
+class ImageClassifier(ImageModel):
+    """A network (+ an optional scikit-learn head on its features) with its preprocessing.
+
+    The model carries everything it needs — architecture name, every weight, preprocessing, the
+    head, the class names — so it predicts in a fresh process without downloads or the project.
+    `network_state` is either a fine-tuned `Classifier`'s weights (backbone + linear head; `head`
+    None) or a backbone's feature weights with `head` the scikit-learn pipeline on its features.
+    With several tasks (`tasks`: task → class names, several label columns) the linear head has
+    every task's classes side by side, or `head` is a `heads.TaskHeads`.
+    """
+
+    def __init__(  # noqa: PLR0913 (the model's plain description, as model.json stores it)
+        self,
+        strategy: str,
+        classes: Sequence[str],
+        backbone_name: str,
+        image_size: int,
+        network_state: dict[str, torch.Tensor],
+        head: Any = None,
+        batch_size: int = 64,
+        tasks: Mapping[str, Sequence[str]] | None = None,
+        temperatures: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(strategy, classes, image_size, batch_size, tasks, temperatures)
+        self.backbone_name = backbone_name
+        self.network_state = network_state
+        self.head = head
+        self._network = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._network = None
+
+    @torch.inference_mode()
+    def uncalibrated_task_probabilities(self, images: list[torch.Tensor]) -> list[np.ndarray]:
+        if self._network is None:
+            self._build()
+        dtype = autocast_dtype(self._device)
+        with torch.autocast(self._device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = self._network(self._normalise(self._collate(images))).float().cpu()
+        sizes = [len(names) for names in self.tasks.values()]
+        if self.head is None:
+            return [torch.softmax(part.double(), dim=1).numpy() for part in outputs.split(sizes, 1)]
+        heads = getattr(self.head, "heads", {SINGLE_TASK: self.head})  # TaskHeads or one head
+        features = outputs.numpy()
+        return [
+            align_probabilities(head.predict_proba(features), head.classes_, size)
+            for head, size in zip(heads.values(), sizes, strict=True)
+        ]
+
+    def _build(self) -> None:
+        from transfer_learning.models.classifier import build_classifier
+
+        settings = BackboneSettings(
+            name=self.backbone_name, image_size=self.image_size, pretrained=False
+        )
+        if self.head is None:
+            n_outputs = sum(len(names) for names in self.tasks.values())
+            network, backbone = build_classifier(settings, n_outputs, seed=0)
+        else:
+            backbone = build_backbone(settings)
+            network = backbone.features
+        network.load_state_dict(self.network_state)
+        self._device = resolve_device("auto")
+        self._network = network.to(self._device).to(memory_format=torch.channels_last).eval()
+        self._collate = EvalCollate(backbone.preprocessing)
+        self._normalise = Normaliser(backbone.preprocessing).to(self._device)
+
+
+class CombinedClassifier(ImageModel):
+    """Several strategies' models, their (calibrated) probabilities averaged with `weights`.
+
+    Each image is decoded once, at the largest member's size; every member then resizes and
+    normalises it as it was trained to. A member with weight 0 is not run.
+    """
+
+    def __init__(
+        self,
+        strategy: str,
+        members: Sequence[ImageModel],
+        weights: Sequence[float],
+        batch_size: int = 64,
+        temperatures: Mapping[str, float] | None = None,
+    ) -> None:
+        first = members[0]
+        for member in members[1:]:
+            if member.tasks != first.tasks:
+                raise ValueError(
+                    f"A combination's members must predict the same classes: {member.strategy} "
+                    f"has {member.tasks}, {first.strategy} {first.tasks}."
+                )
+        if len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"Combination weights {list(weights)} must be ≥ 0, one per member.")
+        image_size = max(member.image_size for member in members)
+        super().__init__(strategy, first.classes, image_size, batch_size, first.tasks, temperatures)
+        self.members = list(members)
+        total = float(sum(weights))
+        self.weights = [float(weight) / total for weight in weights]
+
+    def uncalibrated_task_probabilities(self, images: list[torch.Tensor]) -> list[np.ndarray]:
+        mixed: list[np.ndarray] = []
+        for member, weight in zip(self.members, self.weights, strict=True):
+            if weight == 0:
+                continue
+            scored = member.task_probabilities(images)
+            mixed = (
+                [weight * p for p in scored]
+                if not mixed
+                else [m + weight * p for m, p in zip(mixed, scored, strict=True)]
+            )
+        return mixed
 
 
 def probability_matrix(

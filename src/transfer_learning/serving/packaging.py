@@ -10,7 +10,9 @@ format that cannot execute anything:
 - `head.skops`: the scikit-learn head (a strategy of the features kind), read by skops trusting only
   scikit-learn's types and `heads.TRUSTED_HEAD_TYPES`;
 - `model.json`: strategy, classes (and with several label columns `tasks`: task → classes),
-  backbone name, image size.
+  backbone name, image size, the calibration's `temperatures` (task → T);
+- a weighted combination of models: its `model.json` (kind `combined`, member weights) and each member's files
+  under `member<i>_` names.
 
 A file that fails these checks is refused with a `ModelFileError` naming it.
 """
@@ -29,11 +31,12 @@ import torch
 
 from transfer_learning.models.backbones import BackboneSettings, build_backbone
 from transfer_learning.models.heads import TRUSTED_HEAD_TYPES
-from transfer_learning.serving.classifier import ImageClassifier
+from transfer_learning.serving.classifier import CombinedClassifier, ImageClassifier, ImageModel
 from transfer_learning.serving.requirements import image_model_requirements
 
 ENTRY = Path(__file__).with_name("packaged_model.py")
 FORMAT = 1  # model.json's "format": bumped when the files change meaning
+COMBINED = "combined"  # model.json's "kind" of a weighted combination (absent: one network)
 _REPACKAGE = (
     "Re-create the model with `kedro run --pipelines=<strategy>`, and keep model folders "
     "writable by you alone."
@@ -47,7 +50,7 @@ class ModelFileError(ValueError):
 class PackagedImageClassifier(mlflow.pyfunc.PythonModel):
     """What MLflow loads: an `ImageClassifier` rebuilt from the model's files in `load_context`."""
 
-    classifier: ImageClassifier
+    classifier: ImageModel
 
     def load_context(self, context: Any) -> None:
         self.classifier = read_model_files(context.artifacts)
@@ -60,39 +63,53 @@ class PackagedImageClassifier(mlflow.pyfunc.PythonModel):
         return self.classifier.predict_files(locations)
 
 
-def local_image_classifier(image_model: Any) -> ImageClassifier:
-    """The ImageClassifier itself, whether given directly, as MLflow's PyFuncModel (as the
+def local_image_classifier(image_model: Any) -> ImageModel:
+    """The ImageModel itself, whether given directly, as MLflow's PyFuncModel (as the
     catalog loads it) or as its python model: `predict_files` is not part of the pyfunc API."""
     unwrap = getattr(image_model, "unwrap_python_model", None)
     model = unwrap() if unwrap is not None else image_model
     return model.classifier if isinstance(model, PackagedImageClassifier) else model
 
 
-def write_model_files(model: ImageClassifier, folder: Path) -> dict[str, str]:
-    """The model's state as files in `folder`; returns MLflow's `artifacts` (name → path)."""
+def write_model_files(model: ImageModel, folder: Path, prefix: str = "") -> dict[str, str]:
+    """The model's state as files in `folder`; returns MLflow's `artifacts` (name → path).
+
+    A combination writes its description, then each member's files under `member<i>_` names.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    spec = {
+    spec: dict[str, Any] = {
         "format": FORMAT,
         "strategy": model.strategy,
         "classes": list(model.classes),
-        "backbone_name": model.backbone_name,
         "image_size": model.image_size,
         "batch_size": model.batch_size,
     }
     if len(model.tasks) > 1:
         spec["tasks"] = model.tasks
-    artifacts = {"spec": folder / "model.json", "network": folder / "network.pt"}
-    artifacts["spec"].write_text(json.dumps(spec, indent=2))
-    torch.save(model.network_state, artifacts["network"])
-    if model.head is not None:
-        artifacts["head"] = folder / "head.skops"
-        artifacts["head"].write_bytes(head_bytes(model.head))
+    if model.temperatures:
+        spec["temperatures"] = model.temperatures
+    artifacts = {f"{prefix}spec": folder / f"{prefix}model.json"}
+    if isinstance(model, CombinedClassifier):
+        spec.update(kind=COMBINED, weights=model.weights, members=len(model.members))
+        written = {name: Path(path) for name, path in artifacts.items()}
+        for i, member in enumerate(model.members):
+            member_files = write_model_files(member, folder, prefix=f"{prefix}member{i}_")
+            written.update({name: Path(path) for name, path in member_files.items()})
+        artifacts = written
+    else:
+        spec["backbone_name"] = model.backbone_name
+        artifacts[f"{prefix}network"] = folder / f"{prefix}network.pt"
+        torch.save(model.network_state, artifacts[f"{prefix}network"])
+        if model.head is not None:
+            artifacts[f"{prefix}head"] = folder / f"{prefix}head.skops"
+            artifacts[f"{prefix}head"].write_bytes(head_bytes(model.head))
+    artifacts[f"{prefix}spec"].write_text(json.dumps(spec, indent=2))
     return {name: str(path) for name, path in artifacts.items()}
 
 
-def read_model_files(artifacts: Mapping[str, str]) -> ImageClassifier:
-    """The ImageClassifier the files describe, refusing any file this project would not write."""
-    spec_file = Path(artifacts["spec"])
+def read_model_files(artifacts: Mapping[str, str], prefix: str = "") -> ImageModel:
+    """The model the files describe, refusing any file this project would not write."""
+    spec_file = Path(artifacts[f"{prefix}spec"])
     try:
         spec = json.loads(spec_file.read_text())
     except (OSError, ValueError) as error:
@@ -102,28 +119,44 @@ def read_model_files(artifacts: Mapping[str, str]) -> ImageClassifier:
             f"{spec_file} is not a format-{FORMAT} model description (format "
             f"{spec.get('format') if isinstance(spec, dict) else None!r}). {_REPACKAGE}"
         )
-    network_file = Path(artifacts["network"])
     try:
-        network_state = torch.load(network_file, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError, RuntimeError, EOFError: all mean "refuse"
-        raise ModelFileError(
-            f"{network_file} is not a plain weights file: torch.load(weights_only=True) refused "
-            f"it ({type(error).__name__}: {str(error).splitlines()[0]}). {_REPACKAGE}"
-        ) from error
-    head = load_head(Path(artifacts["head"])) if "head" in artifacts else None
-    try:
+        if spec.get("kind") == COMBINED:
+            members = [
+                read_model_files(artifacts, prefix=f"{prefix}member{i}_")
+                for i in range(int(spec["members"]))
+            ]
+            return CombinedClassifier(
+                strategy=spec["strategy"],
+                members=members,
+                weights=spec["weights"],
+                batch_size=spec["batch_size"],
+                temperatures=spec.get("temperatures"),
+            )
+        network_state = _read_weights(Path(artifacts[f"{prefix}network"]))
+        head_file = artifacts.get(f"{prefix}head")
         return ImageClassifier(
             strategy=spec["strategy"],
             classes=spec["classes"],
             backbone_name=spec["backbone_name"],
             image_size=spec["image_size"],
             network_state=network_state,
-            head=head,
+            head=load_head(Path(head_file)) if head_file else None,
             batch_size=spec["batch_size"],
             tasks=spec.get("tasks"),
+            temperatures=spec.get("temperatures"),
         )
     except KeyError as error:
         raise ModelFileError(f"{spec_file} lacks {error}. {_REPACKAGE}") from error
+
+
+def _read_weights(network_file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(network_file, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError, EOFError: all mean "refuse"
+        raise ModelFileError(
+            f"{network_file} is not a plain weights file: torch.load(weights_only=True) refused "
+            f"it ({type(error).__name__}: {str(error).splitlines()[0]}). {_REPACKAGE}"
+        ) from error
 
 
 def head_bytes(head: Any) -> bytes:
@@ -162,7 +195,7 @@ def load_head(path: Path) -> Any:
 
 
 def save_image_model(
-    model: ImageClassifier, path: Path, code_paths: Sequence[str] | None = None
+    model: ImageModel, path: Path, code_paths: Sequence[str] | None = None
 ) -> None:
     """The model as an MLflow pyfunc folder at `path` (which must not exist), written whole or
     not at all: it appears under its name only once complete."""
@@ -180,7 +213,7 @@ def save_image_model(
 
 
 def log_image_model(
-    model: ImageClassifier,
+    model: ImageModel,
     name: str,
     registered_model_name: str | None = None,
     code_paths: Sequence[str] | None = None,

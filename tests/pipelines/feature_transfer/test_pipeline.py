@@ -3,6 +3,7 @@ import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from kedro_datasets.pickle import PickleDataset
+from scipy.special import softmax
 from sklearn.datasets import load_digits
 
 from tests.conftest import backbone_choice_inputs
@@ -65,6 +66,19 @@ def test_test_split_never_reaches_head_selection(selection):
     )
 
 
+def checked_calibration(outputs, image_model, index, report) -> float:
+    """The head's temperature, fitted on its out-of-fold predictions on train+val."""
+    calibration = outputs["feature_transfer.calibration"].load()
+    temperature = image_model.temperatures["class"]
+    assert calibration["temperature"] == temperature and temperature != 1.0
+    assert calibration["held_out"] == "out-of-fold on train+val (5 folds)"
+    assert calibration["held_out_images"] == (index["split"] != "test").sum()
+    # What the temperature minimises; ECE, binned and noisy on 600 images, need not follow.
+    assert calibration["held_out_log_loss_after"] < calibration["held_out_log_loss_before"]
+    assert report["temperature"] == temperature
+    return temperature
+
+
 @pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
 def test_feature_transfer_and_evaluation_end_to_end(tmp_path):
     """Real features of real digits → head → packaged model → test split scored by that model."""
@@ -118,11 +132,14 @@ def test_feature_transfer_and_evaluation_end_to_end(tmp_path):
     assert len(per_class) == 10
 
     # The served model's probabilities equal the head on the features extraction computed for
-    # the same images: what is evaluated and deployed is what was trained on (no skew).
+    # the same images, at the calibration's temperature: what is evaluated and deployed is what
+    # was trained on (no skew).
     image_model = catalog.load("feature_transfer.image_model")
+    temperature = checked_calibration(outputs, image_model, index, report)
     features = catalog.load("image_features")
     test_rows = features["split"] == "test"
-    expected = image_model.head.predict_proba(features["features"][test_rows])
+    head_probabilities = image_model.head.predict_proba(features["features"][test_rows])
+    expected = softmax(np.log(head_probabilities.astype(np.float64)) / temperature, axis=1)
     scored = catalog.load("feature_transfer.test_predictions")
     np.testing.assert_array_equal(scored["location"], features["location"][test_rows])
     np.testing.assert_allclose(scored["probabilities"], expected, rtol=0, atol=1e-6)

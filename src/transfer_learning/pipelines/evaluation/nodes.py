@@ -9,21 +9,31 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from transfer_learning.core.tasks import MISSING, Tasks
+from transfer_learning.core.tasks import Tasks, task_predictions
 from transfer_learning.kedro_io.tracking import MlflowMetrics, mlflow_metrics
+from transfer_learning.models.calibration import apply_temperature
 from transfer_learning.reporting.evaluation import (
     confusion_matrices_figure,
     evaluate_predictions,
+    expected_calibration_error,
     reliability_figure,
 )
 from transfer_learning.reporting.statistics import bootstrap_intervals
-from transfer_learning.serving.classifier import ImageClassifier
+from transfer_learning.serving.classifier import ImageModel
 from transfer_learning.serving.packaging import local_image_classifier
 
 logger = logging.getLogger(__name__)
 
 # What the report gives for every task of a multi-task model (`tasks` in <strategy>_metrics.json).
-TASK_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "ece", "n_test")
+TASK_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "ece",
+    "ece_uncalibrated",
+    "temperature",
+    "n_test",
+)
 
 
 def evaluate_test_predictions(
@@ -43,8 +53,9 @@ def evaluate_test_predictions(
     tasks = Tasks.from_class_names(class_names)
     evaluated, intervals = {}, {}
     for k, task in enumerate(tasks.names):
-        labels, probabilities = _task_predictions(test_predictions, k)
+        labels, probabilities = task_predictions(test_predictions, k)
         evaluated[task] = evaluate_predictions(labels, probabilities, tasks.classes[task])
+        evaluated[task][0].update(_uncalibrated(test_predictions, k, labels, probabilities))
         intervals[task] = {
             f"{name}_interval": interval
             for name, interval in bootstrap_intervals(
@@ -94,6 +105,19 @@ def evaluate_test_predictions(
     )
 
 
+def _uncalibrated(
+    arrays: dict[str, np.ndarray], task: int, labels: np.ndarray, probabilities: np.ndarray
+) -> dict[str, float]:
+    """The model's temperature and the test ECE it would have without it: p = softmax(T log p')
+    undoes p' = softmax(log p / T) exactly."""
+    temperature = float(arrays["temperatures"][task]) if "temperatures" in arrays else 1.0
+    before = apply_temperature(probabilities, 1.0 / temperature)
+    return {
+        "temperature": temperature,
+        "ece_uncalibrated": expected_calibration_error(labels, before)[0],
+    }
+
+
 def _interval_ends(intervals: dict[str, list[float]]) -> dict[str, float]:
     """`accuracy_interval: [low, high]` → MLflow metrics `accuracy_interval_low`, `_high`."""
     return {
@@ -103,15 +127,6 @@ def _interval_ends(intervals: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
-def _task_predictions(arrays: dict[str, np.ndarray], task: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and probabilities of task `task` on the test images that have its label."""
-    if "task_labels" not in arrays:
-        return arrays["label"], arrays["probabilities"]
-    labels = arrays["task_labels"][:, task]
-    labelled = labels != MISSING
-    return labels[labelled], arrays[f"probabilities_{task}"][labelled]
-
-
-def register_image_model(image_model: Any) -> ImageClassifier:
+def register_image_model(image_model: Any) -> ImageModel:
     """The evaluated model, to be logged and registered in MLflow as transfer_learning_<strategy>."""
     return local_image_classifier(image_model)  # loaded back from disk, it comes wrapped

@@ -11,6 +11,7 @@ from sklearn.pipeline import Pipeline
 from transfer_learning.core.tasks import MISSING, Tasks
 from transfer_learning.models.backbones import BackboneSettings
 from transfer_learning.models.heads import FittedHead, HeadSettings, TaskHeads, select_and_fit
+from transfer_learning.reporting.evaluation import align_probabilities
 from transfer_learning.serving.classifier import ImageClassifier
 from transfer_learning.serving.packaging import head_image_model
 
@@ -47,13 +48,14 @@ def fit_head(
     class_names: dict[str, Any],
     head: dict[str, Any],
     seed: int,
-) -> tuple[Any, Any, dict[str, Any]]:
+) -> tuple[Any, Any, dict[str, Any], Arrays]:
     """Choose the head's hyper-parameters on val, refit, and summarise the training.
 
     With several label columns, one head per task on the same features, each chosen and fitted
     on the rows that have its label (`heads.TaskHeads`). Returns the fitted head twice (the
-    versioned catalog copy and the MLflow model) and a summary with fit time, the chosen
-    parameters and the search (per task under `tasks`).
+    versioned catalog copy and the MLflow model), a summary with fit time, the chosen
+    parameters and the search (per task under `tasks`), and the head's held-out predictions
+    (out-of-fold on train+val when it is refitted on them, else on val) that calibrate it.
     """
     settings = HeadSettings.from_params(head)
     tasks = Tasks.from_class_names(class_names)
@@ -96,7 +98,41 @@ def fit_head(
             }
             for task, f in fitted.items()
         }
-    return model, model, summary
+    return model, model, summary, _held_out_predictions(fitted, train_features, val_features, tasks)
+
+
+def _held_out_predictions(
+    fitted: dict[str, FittedHead], train_features: Arrays, val_features: Arrays, tasks: Tasks
+) -> Arrays:
+    """Every task's held-out probabilities on the train+val rows, in `score_images`'s layout:
+    rows a task's head did not predict get MISSING as that task's label."""
+    locations = np.concatenate([train_features["location"], val_features["location"]])
+    task_labels = np.concatenate([train_features["task_labels"], val_features["task_labels"]])
+    arrays: Arrays = {"location": locations.astype(str)}
+    labels = np.full(task_labels.shape, MISSING, dtype=np.int64)
+    hows = set()
+    for column, (task, size) in enumerate(zip(tasks.names, tasks.sizes, strict=True)):
+        probabilities = np.full((len(locations), size), 1.0 / size)
+        held_out = fitted[task].held_out
+        if held_out is not None:
+            # A task's head saw only the rows with its label: map its rows back onto train+val.
+            labelled = np.flatnonzero(task_labels[:, column] != MISSING)
+            rows = labelled[held_out.rows]
+            labels[rows, column] = task_labels[rows, column]
+            probabilities[rows] = align_probabilities(
+                held_out.probabilities, held_out.classes, size
+            )
+            hows.add(held_out.how)
+        arrays[f"probabilities_{column}"] = probabilities
+    first = labels[:, 0] != MISSING
+    arrays.update(label=labels[first, 0], probabilities=arrays["probabilities_0"][first])
+    arrays["location"] = locations.astype(str)[first] if not tasks.multi else arrays["location"]
+    if tasks.multi:
+        arrays["task_labels"] = labels
+    else:
+        del arrays["probabilities_0"]
+    arrays["held_out"] = np.asarray(", ".join(sorted(hows)) or "none")
+    return arrays
 
 
 def _log_choice(settings: HeadSettings, fitted: FittedHead, task: str) -> None:

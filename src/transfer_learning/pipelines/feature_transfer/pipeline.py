@@ -1,4 +1,5 @@
-"""The feature_transfer pipeline: features → head fitted on train, chosen on val → image model.
+"""The feature_transfer pipeline: features → head chosen on val, refitted on train+val →
+calibrated image model (temperature fitted on the head's out-of-fold predictions).
 
 Its datasets live under the `feature_transfer.` namespace, like every strategy's, so that the
 shared evaluation reads `feature_transfer.image_model` and `feature_transfer.training_summary`.
@@ -7,6 +8,7 @@ shared evaluation reads `feature_transfer.image_model` and `feature_transfer.tra
 from kedro.pipeline import Node, Pipeline
 
 from transfer_learning.pipelines import bind
+from transfer_learning.pipelines.templates.calibration import calibration_pipeline
 
 from .nodes import fit_head, package_head_model, split_features
 
@@ -29,17 +31,18 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:head",
                     "params:seed",
                 ],
-                outputs=["model", "mlflow_model", "training_summary"],
+                outputs=["model", "mlflow_model", "training_summary", "held_out_predictions"],
                 name="fit_head",
             ),
             Node(
                 func=bind(package_head_model, strategy="feature_transfer"),
                 inputs=["model", "class_names", "backbone"],
-                outputs="image_model",
+                outputs="uncalibrated_model",
                 name="package_image_model",
             ),
         ]
     )
+    nodes += calibration_pipeline()
     return Pipeline(
         nodes,
         namespace="feature_transfer",

@@ -1,14 +1,18 @@
-"""The network-training template: recipe → train → best-on-val checkpoint → image model."""
+"""The network-training template: recipe → train → best-on-val checkpoint → image model,
+calibrated on val."""
 
 from kedro.pipeline import Node, Pipeline
 
 from transfer_learning.pipelines import bind
+from transfer_learning.pipelines.templates.calibration import calibration_pipeline
+from transfer_learning.serving.scoring import score_val_split
 
 from .nodes import package_network_model, resolve_recipe, split_train_val, train_model
 
 
 def network_training_pipeline(strategy: str) -> Pipeline:
-    """Recipe → train → best-on-val checkpoint → image model, under the `strategy` namespace.
+    """Recipe → train → best-on-val checkpoint → image model calibrated on val, under the
+    `strategy` namespace.
 
     The shared (resolved) `backbone` and the `finetune` block are overridden by the `<strategy>`
     block's own `backbone` and `finetune` keys; `training`, seed and device are shared.
@@ -45,11 +49,18 @@ def network_training_pipeline(strategy: str) -> Pipeline:
             Node(
                 func=bind(package_network_model, strategy=strategy),
                 inputs=["model", "class_names"],
-                outputs="image_model",
+                outputs="uncalibrated_model",
                 name="package_image_model",
+            ),
+            Node(
+                func=score_val_split,
+                inputs=["uncalibrated_model", "val_index"],
+                outputs="held_out_predictions",
+                name="score_val_split",
             ),
         ]
     )
+    nodes += calibration_pipeline()
     shared = ("finetune", "training", "seed", "device", "distributed")
     return Pipeline(
         nodes,
