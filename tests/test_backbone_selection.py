@@ -27,6 +27,8 @@ from transfer_learning.pipelines.feature_extraction.nodes import resolve_backbon
 
 NO_CACHE = ExtractionSettings(cache_dir=None, progress=False)
 PROFILE = {"typical_short_side": 8, "n_train": 160, "mirror_symmetric": False}
+# What `backbone.name: auto` ranks for: photos (the digits stand in, with a photo's profile).
+PHOTO_PROFILE = {**PROFILE, "typical_short_side": 96}
 ONE_CANDIDATE = {"candidates": [{"name": "efficientnet_lite0", "image_size": 48}]}
 
 
@@ -41,7 +43,7 @@ def digits_index() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def ranking(digits_index) -> pd.DataFrame:
-    settings = SelectionSettings.from_params(ONE_CANDIDATE)
+    settings = SelectionSettings.from_params({**ONE_CANDIDATE, "controls": True})
     return rank_backbones(digits_index, PROFILE, settings, NO_CACHE, torch.device("cpu"), seed=0)
 
 
@@ -56,7 +58,7 @@ def test_default_candidates_follow_the_images():
         "efficientnet_lite1@48",
         "efficientnet_lite2@48",
     ]
-    photos = labels(resolve_candidates(SelectionSettings(), 500))
+    photos = labels(resolve_candidates(SelectionSettings(controls=True), 500))
     assert photos == [
         "efficientnet_lite0@224",
         "efficientnet_lite0@160",
@@ -172,8 +174,8 @@ def test_auto_backbone_reuses_a_ranking_of_the_same_images(digits_index):
     assert chosen_backbone(None, fingerprint)[0] is None
 
     resolved, choice = resolve_backbone(
-        {"name": "auto"},
-        PROFILE,
+        {"name": "auto", "image_size": 64},
+        PHOTO_PROFILE,
         digits_index,
         saved,
         {"max_images": 3000},
@@ -190,7 +192,7 @@ def test_auto_backbone_ranks_now_when_no_ranking_fits(digits_index):
     inputs = backbone_choice_inputs()
     resolved, choice = resolve_backbone(
         {"name": "auto", "image_size": 48},
-        PROFILE,
+        PHOTO_PROFILE,
         digits_index,
         inputs["backbone_ranking"].load(),
         {**ONE_CANDIDATE, "controls": False},
@@ -201,6 +203,48 @@ def test_auto_backbone_ranks_now_when_no_ranking_fits(digits_index):
     # The ranking's pick, at the user's own image size.
     assert (resolved["name"], resolved["image_size"]) == ("efficientnet_lite0", 48)
     assert choice["reason"].startswith("ranked now")
+
+
+def test_auto_backbone_takes_the_cheapest_network_for_small_images_without_ranking(digits_index):
+    # A ranking would read the test rows' missing files and the candidates would fail: none runs.
+    resolved, choice = resolve_backbone(
+        {"name": "auto"},
+        PROFILE,
+        digits_index,
+        None,
+        {"candidates": [{"name": "no/such_network", "image_size": 48}]},
+        {},
+        0,
+        "cpu",
+    )
+    assert (resolved["name"], resolved["image_size"]) == ("efficientnet_lite0", 48)
+    assert choice["reason"] == "auto: images of 8 px, below 64 px: not ranked"
+
+
+def test_by_probe_accuracy_the_pick_is_the_cheapest_within_one_standard_error():
+    ranking = pd.DataFrame(
+        {
+            "candidate": ["lite2@260", "lite0@224", "lite0@176", "lite0@224 (random)"],
+            "name": ["efficientnet_lite2", "efficientnet_lite0", "efficientnet_lite0", "x"],
+            "image_size": [260, 224, 176, 224],
+            "pretrained": [True, True, True, False],
+            "probe_accuracy": [0.930, 0.921, 0.905, 0.99],
+            "probe_accuracy_se": [0.010, 0.012, 0.011, 0.01],
+            "gflops": [1.72, 0.77, 0.50, 0.0],
+            "data_fingerprint": "f",
+            "score_used": "probe_accuracy",
+        }
+    )
+    # 0.921 ≥ 0.930 - 0.010; 0.905 is not; the control is never a pick, however it scores.
+    assert (recommendation(ranking)["name"], recommendation(ranking)["image_size"]) == (
+        "efficientnet_lite0",
+        224,
+    )
+    beaten = ranking.assign(probe_accuracy=[0.930, 0.915, 0.905, 0.99])
+    assert recommendation(beaten)["image_size"] == 260
+    # Other scores have no standard error: their best value is the pick.
+    by_logme = ranking.assign(logme=[0.5, 0.4, 0.3, 0.9], score_used="logme")
+    assert recommendation(by_logme)["image_size"] == 260
 
 
 def test_auto_backbone_refuses_a_weights_file(digits_index):
@@ -220,7 +264,7 @@ def test_auto_backbone_refuses_a_weights_file(digits_index):
 @pytest.mark.slow
 def test_short_finetune_adds_a_val_accuracy_for_pretrained_candidates(digits_index):
     settings = SelectionSettings.from_params(
-        {**ONE_CANDIDATE, "finetune": True, "finetune_steps": 6}
+        {**ONE_CANDIDATE, "controls": True, "finetune": True, "finetune_steps": 6}
     )
     ranking = rank_backbones(digits_index, PROFILE, settings, NO_CACHE, torch.device("cpu"), 0)
     pretrained, control = ranking.iloc[0], ranking.iloc[1]

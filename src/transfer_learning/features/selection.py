@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 OFFLINE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # Default candidates: each offline network at its `auto` size and at this fraction of it.
 SMALLER_RESOLUTION = 0.75
+# backbone.name=auto ranks candidates for images whose typical shorter side is at least this.
+RANKED_FROM_SIDE = 64
 # Scores that need the network's own ImageNet classifier.
 SOURCE_HEAD_SCORES = ("nce", "leep")
 # What may rank the candidates: a transferability score, or the cross-validated probe itself.
@@ -77,9 +79,9 @@ class SelectionSettings:
     """The `selection` block of parameters_backbone_selection.yml."""
 
     candidates: str | list[dict[str, Any]] = AUTO
-    controls: bool = True
+    controls: bool = False
     score: str = "probe_accuracy"
-    max_images: int | None = 3000
+    max_images: int | None = 1000
     finetune: bool = False
     finetune_steps: int = 100
 
@@ -250,12 +252,14 @@ def score_candidate(
 
     start = time.perf_counter()
     train, val = (rows["split"] == "train").to_numpy(), (rows["split"] == "val").to_numpy()
+    settings = HeadSettings(selection="cv", refit_on_train_val=False)
     probe = select_and_fit(
         (features[train], labels[train]),
         (features[val], labels[val]),
-        HeadSettings(selection="cv", refit_on_train_val=False),
+        settings,
         seed,
     )
+    folds = min(settings.cv_folds, _smallest(labels))  # as the probe's cross-validation has
     row = {
         "candidate": candidate.label,
         "name": candidate.name,
@@ -264,6 +268,9 @@ def score_candidate(
         **scores,
         "probe_accuracy": probe.val_accuracy,
         "probe_accuracy_std": probe.chosen["val_accuracy_std"],
+        # The standard error of the mean over the folds: what the one-standard-error pick uses.
+        "probe_accuracy_se": probe.chosen["val_accuracy_std"] / math.sqrt(max(folds, 1)),
+        "gflops": forward_gflops(backbone.features, candidate.image_size),
         "extraction_seconds": extracted.seconds,
         "features_cached": extracted.cached,
         "scoring_seconds": scoring_seconds,
@@ -271,6 +278,25 @@ def score_candidate(
     }
     logger.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     return row
+
+
+def _smallest(labels: np.ndarray) -> int:
+    counts = np.bincount(labels)
+    return int(counts[counts > 0].min())
+
+
+def forward_gflops(network: torch.nn.Module, image_size: int) -> float:
+    """Billions of floating-point operations of one image's forward pass: the candidate's cost
+    in every strategy (extraction, fine-tuning and serving all scale with it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = network.training
+    network.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        network(torch.zeros(1, 3, image_size, image_size))
+    network.train(was_training)
+    return counter.get_total_flops() / 1e9
 
 
 def short_finetune_accuracy(
@@ -347,10 +373,19 @@ def score_quality(ranking: pd.DataFrame) -> pd.DataFrame:
 
 
 def recommendation(ranking: pd.DataFrame) -> dict[str, Any]:
-    """The pretrained candidate with the best value of the ranking's score."""
+    """The pretrained candidate with the best value of the ranking's score — by probe accuracy,
+    the cheapest one within one standard error of the best (the one-standard-error rule, Hastie
+    et al. 2009, §7.10): a costlier network must beat the cheaper one by more than the
+    cross-validation's noise, since every strategy pays its cost in every image it trains on
+    and serves."""
     score = ranking["score_used"].iloc[0]
     pretrained = ranking[ranking["pretrained"]]
     best = pretrained.loc[pretrained[score].idxmax()]
+    if score == "probe_accuracy" and {"probe_accuracy_se", "gflops"} <= set(pretrained):
+        close = pretrained[
+            pretrained[score] >= best[score] - np.nan_to_num(best["probe_accuracy_se"])
+        ]
+        best = close.loc[close["gflops"].idxmin()]
     return {
         "name": best["name"],
         "image_size": int(best["image_size"]),
@@ -361,15 +396,20 @@ def recommendation(ranking: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def pick_reason(pick: Mapping[str, Any]) -> str:
+    if pick["score"] == "probe_accuracy":
+        return "the fewest GFLOPs within one standard error of the best probe accuracy"
+    return f"best {pick['score']} among the pretrained candidates"
+
+
 def ranking_markdown(ranking: pd.DataFrame, quality: pd.DataFrame) -> str:
     pick = recommendation(ranking)
     shown = ranking.drop(columns=["name", "data_fingerprint", "score_used"])
     lines = [
         "# Backbone ranking",
         "",
-        f"Recommended: **{pick['name']} at {pick['image_size']} px** (best {pick['score']} "
-        f"among the pretrained candidates; its cross-validated probe accuracy "
-        f"{pick['probe_accuracy']:.1%}). Use it with "
+        f"Recommended: **{pick['name']} at {pick['image_size']} px** ({pick_reason(pick)}; its "
+        f"cross-validated probe accuracy {pick['probe_accuracy']:.1%}). Use it with "
         f'`--params="backbone.name={pick["name"]},backbone.image_size={pick["image_size"]}"`, '
         "or set `backbone.name: auto`.",
         "",
@@ -457,12 +497,21 @@ def choose_backbone(  # noqa: PLR0913 (what a ranking made on the spot needs)
     seed: int,
 ) -> tuple[BackboneSettings, str]:
     """`backbone.name: auto` → the pick of the saved ranking when it was made on these train+val
-    images, else of a ranking made now; the user's own image size wins over the pick's."""
+    images, else of a ranking made now; the user's own image size wins over the pick's.
+
+    Images smaller than RANKED_FROM_SIDE (digits, CIFAR-style thumbnails) skip the ranking and
+    take the cheapest candidate: enlarged at most 4x they reach 128 px at best, where the larger
+    networks' extra resolution has nothing to see, and a ranking would cost more than the run.
+    """
     if settings.weights_path is not None:
         raise BackboneError(
             "backbone.name=auto cannot use backbone.weights_path (a file is for one "
             "architecture): name the architecture, or drop the file."
         )
+    short_side = data_profile.get("typical_short_side")
+    if short_side is not None and short_side < RANKED_FROM_SIDE:
+        reason = f"auto: images of {short_side} px, below {RANKED_FROM_SIDE} px: not ranked"
+        return replace(settings, name=OFFLINE_BACKBONES[0]), reason
     _, fingerprint = selection_images(image_index, selection.max_images, seed)
     pick, reason = chosen_backbone(saved_ranking, fingerprint)
     if pick is None:

@@ -50,4 +50,5 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
     low, high = np.log(TEMPERATURE_RANGE)
     result = minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
-    return float(np.exp(result.x))
+    # Never worse on the held-out images than no scaling (the search stops within a tolerance).
+    return float(np.exp(result.x)) if result.fun < loss(0.0) else 1.0
