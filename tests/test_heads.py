@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from sklearn.datasets import make_classification
@@ -156,3 +158,34 @@ def test_every_project_head_is_stored_by_mlflow_with_the_types_the_catalog_trust
         np.testing.assert_array_equal(
             mlflow.sklearn.load_model(str(where)).predict_proba(x), model.predict_proba(x)
         )
+
+
+def test_held_out_predictions_are_out_of_fold_when_refitted_and_val_otherwise():
+    """What calibration is fitted on: no image is predicted by a head that was fitted on it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = make_classification(300, 20, n_informative=8, n_classes=3, random_state=0)
+    train, val = (features[:200], labels[:200]), (features[200:], labels[200:])
+    settings = HeadSettings(type="logistic_regression", grid={"C": [0.5]})
+    refitted = select_and_fit(train, val, settings, seed=3)
+    held_out = refitted.held_out
+    assert held_out.how == "out-of-fold on train+val (5 folds)"
+    np.testing.assert_array_equal(held_out.rows, np.arange(300))
+    # Each fold's own fit, done here with scikit-learn alone, predicts its held-out images.
+    expected = np.zeros((300, 3))
+    for fit, held in StratifiedKFold(5, shuffle=True, random_state=3).split(features, labels):
+        scaler = StandardScaler().fit(features[fit])
+        model = LogisticRegression(C=0.5, max_iter=1000).fit(
+            scaler.transform(features[fit]), labels[fit]
+        )
+        expected[held] = model.predict_proba(scaler.transform(features[held]))
+    np.testing.assert_allclose(held_out.probabilities, expected, atol=1e-3)
+
+    on_train = select_and_fit(train, val, replace(settings, refit_on_train_val=False), seed=3)
+    assert on_train.held_out.how == "val"
+    np.testing.assert_array_equal(on_train.held_out.rows, np.arange(200, 300))
+    np.testing.assert_allclose(
+        on_train.held_out.probabilities, on_train.model.predict_proba(val[0]), atol=1e-12
+    )

@@ -124,13 +124,17 @@ def _held_out_predictions(
             )
             hows.add(held_out.how)
         arrays[f"probabilities_{column}"] = probabilities
-    first = labels[:, 0] != MISSING
-    arrays.update(label=labels[first, 0], probabilities=arrays["probabilities_0"][first])
-    arrays["location"] = locations.astype(str)[first] if not tasks.multi else arrays["location"]
     if tasks.multi:
-        arrays["task_labels"] = labels
-    else:
-        del arrays["probabilities_0"]
+        arrays.update(
+            task_labels=labels, label=labels[:, 0], probabilities=arrays["probabilities_0"]
+        )
+    else:  # one task: the rows its head held out
+        kept = labels[:, 0] != MISSING
+        arrays = {
+            "location": arrays["location"][kept],
+            "label": labels[kept, 0],
+            "probabilities": arrays["probabilities_0"][kept],
+        }
     arrays["held_out"] = np.asarray(", ".join(sorted(hows)) or "none")
     return arrays
 
