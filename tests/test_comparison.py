@@ -42,7 +42,7 @@ REPORTS = [
         balanced_accuracy=0.9,
         recall={"cat": 1.0, "dog": 0.8},
     ),
-    report("structure_transfer", 0.93, image_size=224),
+    report("structure_transfer", 0.93, image_size=224, ece_uncalibrated=0.0950),
     report("nearest_neighbour_transfer", 0.80),
 ]
 CONTROL = Control(
@@ -58,6 +58,8 @@ def test_every_strategy_gets_a_row_in_the_order_given():
     assert [row.split(" | ")[0][2:] for row in rows] == [r["strategy"] for r in REPORTS]
     assert "| parameter_transfer | 0.9550 | 0.9000 | 0.9450 | 0.0500 | 12.5 | 1,000 | 224 |" in rows
     assert rows[0].startswith("| feature_transfer | 0.9000 | – |")  # no balanced accuracy
+    # The deployed (calibrated) model's ECE, and in parentheses the same model's before it.
+    assert "| structure_transfer | 0.9300 | – | 0.9200 | 0.0500 (0.0950) | 12.5 |" in rows[2]
     assert rows[-1].endswith("| 1,000 | – |")  # a strategy that reports no image size
     assert "Best test accuracy: **parameter_transfer**" in markdown
     # 0.955 − 0.93 = 2.5 points.
