@@ -22,8 +22,8 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-BACKBONE_LINE = re.compile(r"Backbone (\S+) at (\d+) px \((.*?)\)")
 # Published anchors (PyTorch transfer-learning tutorial, ants/bees, ResNet-18) and the issue's.
 ANCHORS = {
     "digits": "before the `auto` defaults: 92.8 / 95.8 / 96.4 %",
@@ -86,8 +85,14 @@ def run_default(data_params: str, workdir: Path) -> tuple[dict[str, dict], dict,
     metrics = {
         s: json.loads((reports / f"{s}_metrics.json").read_text()) for s in record["strategies"]
     }
-    found = BACKBONE_LINE.search(" ".join((completed.stdout + completed.stderr).split()))
-    backbone = f"{found[1]} at {found[2]} px ({found[3]})" if found else "?"
+    with sqlite3.connect(project / "mlflow.db") as tracking:
+        resolved = dict(
+            tracking.execute("SELECT key, value FROM params WHERE key LIKE 'backbone.resolved.%'")
+        )
+    backbone = (
+        " at ".join(resolved.get(f"backbone.resolved.{key}", "?") for key in ("name", "image_size"))
+        + f" px ({resolved.get('backbone.resolved.reason', '?')})"
+    )
     return metrics, record, backbone, seconds
 
 

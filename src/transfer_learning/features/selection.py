@@ -483,7 +483,7 @@ def chosen_backbone(
     pick = recommendation(ranking)
     if pick["data_fingerprint"] != fingerprint:
         return None, "the latest backbone_ranking was made on other images"
-    return pick, f"the latest backbone_ranking's best {pick['score']} ({pick['value']:.4g})"
+    return pick, f"the latest backbone_ranking's pick: {pick_reason(pick)} ({pick['value']:.4g})"
 
 
 def choose_backbone(  # noqa: PLR0913 (what a ranking made on the spot needs)
@@ -522,6 +522,6 @@ def choose_backbone(  # noqa: PLR0913 (what a ranking made on the spot needs)
         )
         ranking = rank_backbones(image_index, data_profile, selection, extraction, device, seed)
         pick = recommendation(ranking)
-        reason = f"ranked now: best {pick['score']} ({pick['value']:.4g})"
+        reason = f"ranked now: {pick_reason(pick)} ({pick['value']:.4g})"
     image_size = pick["image_size"] if settings.image_size == AUTO else settings.image_size
     return replace(settings, name=pick["name"], image_size=image_size), reason
