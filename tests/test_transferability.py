@@ -98,3 +98,17 @@ def test_leep_matches_its_definition():
         ]
     )
     assert leep(logits, labels) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("noise", [0.1, 1e-3])
+def test_logme_stays_finite_when_fewer_images_than_dimensions_fit_the_labels(noise):
+    """25 images a class, 1,280 dimensions that all but name the class (a few photos a class on
+    a large backbone): the evidence's updates reach a perfect fit and once divided by zero."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 25)
+    informative = np.zeros((125, 1280))
+    informative[np.arange(125), labels] = 10.0
+    informative += noise * rng.normal(size=informative.shape)
+    score = logme(informative, labels)
+    assert np.isfinite(score)
+    assert score > logme(rng.normal(size=(125, 1280)), labels)

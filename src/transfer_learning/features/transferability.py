@@ -76,6 +76,10 @@ def logme_evidence(
         gamma = float(shrink.sum())  # effective number of parameters
         m_squared = float(np.sum(shrink**2 * projected**2 / s))  # |m|², m the posterior mean
         residual = float(np.sum(((1 - shrink) * projected) ** 2)) + outside  # |y − F m|²
+        if not (m_squared > 0 and residual > 0 and n - gamma > 0):
+            # A (numerically) perfect fit, as with fewer images than feature dimensions: the
+            # updates would divide by zero; the last finite α, β are kept.
+            break
         new_alpha, new_beta = gamma / m_squared, (n - gamma) / residual
         converged = abs(new_alpha / new_beta - alpha / beta) <= _LOGME_TOLERANCE * alpha / beta
         alpha, beta = new_alpha, new_beta
