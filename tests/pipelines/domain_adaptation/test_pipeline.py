@@ -75,7 +75,7 @@ def source():
         index, BACKBONE, {"cache_dir": None, "progress": False}, "cpu", {}
     )
     train, val = split_features(features)
-    head, _, _ = fit_head(train, val, {"classes": classes}, {"grid": {"C": [0.1]}}, 0)
+    head, _, _, _ = fit_head(train, val, {"classes": classes}, {"grid": {"C": [0.1]}}, 0)
     network, _ = build_classifier(BackboneSettings(**BACKBONE), len(classes), seed=0)
     checkpoint = {
         "state_dict": network.state_dict(),
