@@ -105,8 +105,8 @@ def test_default_run_is_one_mlflow_run_with_params_metrics_and_artefacts(default
     client = mlflow_client(default_run.project)
     run = client.get_run(default_run.run_ids[0])
     assert run.data.params["data.source"] == "digits"
-    assert run.data.params["backbone.name"] == "auto"
-    assert run.data.params["backbone.resolved.name"] == "efficientnet_lite0"  # 8 px: not ranked
+    assert run.data.params["backbone.name"] == "efficientnet_lite0"
+    assert run.data.params["backbone.resolved.name"] == "efficientnet_lite0"
     assert run.data.params["seed"] == "42"
     assert run.data.metrics["data.n_test"] == 360
     assert run.data.metrics["feature_transfer.accuracy"] > 0.8
