@@ -38,7 +38,7 @@ from transfer_learning.models.backbones import (
     build_backbone,
     resolve_image_size,
 )
-from transfer_learning.models.heads import HeadSettings, select_and_fit
+from transfer_learning.models.heads import HeadSettings, select_and_fit, smallest_class
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def score_candidate(
         settings,
         seed,
     )
-    folds = min(settings.cv_folds, _smallest(labels))  # as the probe's cross-validation has
+    folds = min(settings.cv_folds, smallest_class(labels))  # as the probe's cross-validation has
     row = {
         "candidate": candidate.label,
         "name": candidate.name,
@@ -278,11 +278,6 @@ def score_candidate(
     }
     logger.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     return row
-
-
-def _smallest(labels: np.ndarray) -> int:
-    counts = np.bincount(labels)
-    return int(counts[counts > 0].min())
 
 
 def forward_gflops(network: torch.nn.Module, image_size: int) -> float:

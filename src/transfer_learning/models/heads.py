@@ -322,10 +322,10 @@ def _scores_on(
 def _uses_cv(val_labels: np.ndarray, settings: HeadSettings) -> bool:
     if settings.selection != "auto":
         return settings.selection == "cv"
-    return len(val_labels) == 0 or _smallest_class(val_labels) < CV_BELOW_VAL_PER_CLASS
+    return len(val_labels) == 0 or smallest_class(val_labels) < CV_BELOW_VAL_PER_CLASS
 
 
-def _smallest_class(labels: np.ndarray) -> int:
+def smallest_class(labels: np.ndarray) -> int:
     """How many images the least represented class among `labels` has."""
     return int(np.unique(labels, return_counts=True)[1].min())
 
@@ -333,7 +333,7 @@ def _smallest_class(labels: np.ndarray) -> int:
 def _fold_scores(template, grid, train, val, settings: HeadSettings, seed: int) -> np.ndarray:
     """(folds, grid points, [accuracy, log-loss]) of stratified k-fold CV on train+val."""
     features, labels = np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]])
-    folds = min(settings.cv_folds, _smallest_class(labels))  # ≥ 2: select_and_fit checks
+    folds = min(settings.cv_folds, smallest_class(labels))  # ≥ 2: select_and_fit checks
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return np.array(
         [
@@ -376,7 +376,7 @@ def select_and_fit(
     cv = _uses_cv(val[1], settings)
     # One image in some class and no val split: nothing to select on. The first candidate (under
     # auto the prototype head) is fitted with its defaults.
-    selectable = not cv or _smallest_class(labels) >= 2
+    selectable = not cv or smallest_class(labels) >= 2
     if not selectable:
         types = types[:1]
         logger.warning("head: one image in some class and no val split; nothing is selected")
@@ -443,7 +443,7 @@ def _out_of_fold(model: Pipeline, train, val, settings: HeadSettings, seed: int)
     refitted on: each image is predicted by a fit on the other folds (none when some class has
     a single image)."""
     features, labels = np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]])
-    folds = min(settings.cv_folds, _smallest_class(labels))
+    folds = min(settings.cv_folds, smallest_class(labels))
     if folds < 2:
         return None
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
