@@ -25,6 +25,15 @@ def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), _FLOOR, 1.0))
 
 
+def mean_log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (0 with no image): what T and a
+    combination's weights minimise."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if not len(labels):
+        return 0.0
+    return float(-log_probabilities(probabilities)[np.arange(len(labels)), labels].mean())
+
+
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T): T > 1 softens over-confident probabilities, T < 1 sharpens."""
     if temperature == 1.0:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from transfer_learning.models.calibration import log_probabilities
+from transfer_learning.models.calibration import mean_log_loss
 
 WEIGHT_STEP = 0.05
 
@@ -52,7 +52,7 @@ def choose_weights(
     losses = np.array(
         [
             sum(
-                _log_loss(mixture([p[k] for p in probabilities], weights), task_labels)
+                mean_log_loss(mixture([p[k] for p in probabilities], weights), task_labels)
                 for k, task_labels in enumerate(labels)
             )
             for weights in grid
@@ -61,9 +61,3 @@ def choose_weights(
     unevenness = np.abs(grid - 1.0 / members).sum(axis=1)
     best = min(range(len(grid)), key=lambda i: (round(losses[i], 12), unevenness[i]))
     return grid[best], float(losses[best])
-
-
-def _log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    if not len(labels):
-        return 0.0
-    return float(-log_probabilities(probabilities)[np.arange(len(labels)), labels].mean())

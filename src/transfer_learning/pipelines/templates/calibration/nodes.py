@@ -11,7 +11,7 @@ from transfer_learning.core.tasks import Tasks, task_predictions
 from transfer_learning.models.calibration import (
     apply_temperature,
     fit_temperature,
-    log_probabilities,
+    mean_log_loss,
 )
 from transfer_learning.reporting.evaluation import expected_calibration_error
 from transfer_learning.serving.classifier import ImageModel
@@ -40,8 +40,8 @@ def calibrate_image_model(
         fitted[task] = {
             "temperature": temperature,
             "held_out_images": int(len(labels)),
-            "held_out_log_loss_before": _log_loss(labels, probabilities),
-            "held_out_log_loss_after": _log_loss(labels, calibrated),
+            "held_out_log_loss_before": _log_loss(probabilities, labels),
+            "held_out_log_loss_after": _log_loss(calibrated, labels),
             "held_out_ece_before": _ece(labels, probabilities),
             "held_out_ece_after": _ece(labels, calibrated),
         }
@@ -62,11 +62,8 @@ def calibrate_image_model(
     return model.calibrated({task: f["temperature"] for task, f in fitted.items()}), summary
 
 
-def _log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
-    """What the temperature minimises (mean negative log-likelihood of the true class)."""
-    if not len(labels):
-        return None
-    return float(-log_probabilities(probabilities)[np.arange(len(labels)), labels].mean())
+def _log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float | None:
+    return mean_log_loss(probabilities, labels) if len(labels) else None
 
 
 def _ece(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
