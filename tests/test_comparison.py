@@ -162,11 +162,14 @@ def constructed(n_images: int, extra_right: int):
     ]
 
 
-def run_comparison(strategies):
+def run_comparison(strategies, seed_predictions=None):
     reports = [report for report, _ in strategies]
     predictions = [arrays for _, arrays in strategies]
+    seed_predictions = seed_predictions or [{"seeds": np.empty(0)} for _ in strategies]
     colours = {"cheap": "#4C72B0", "costly": "#DD8452", "weak": "#55A868"}
-    return compare_strategies(*reports, *predictions, colours=colours, controls=())
+    return compare_strategies(
+        *reports, *predictions, *seed_predictions, colours=colours, controls=()
+    )
 
 
 def test_one_image_apart_the_report_says_no_difference_is_detectable_and_picks_the_cheaper():

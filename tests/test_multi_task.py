@@ -202,6 +202,7 @@ def _catalog(index, class_names, tmp_path, **more) -> DataCatalog:
             "backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 32}),
             "params:training": MemoryDataset({"checkpoint_dir": str(tmp_path), "progress": False}),
             "params:seed": MemoryDataset(3),
+            "params:evaluation": MemoryDataset({}),
             "params:device": MemoryDataset("cpu"),
             "params:distributed": MemoryDataset({}),
             **{name: MemoryDataset(value) for name, value in more.items()},

@@ -10,6 +10,7 @@ from tests import toy_strategy
 from tests.conftest import backbone_choice_inputs
 from transfer_learning.core.strategies import FEATURES, StrategyFacts
 from transfer_learning.pipeline_registry import build_pipelines, register_pipelines
+from transfer_learning.reporting.statistics import SEEDS_BOOTSTRAP
 from transfer_learning.strategies import STRATEGIES, STRATEGY_NAMES, Strategy
 
 TOY = Strategy(
@@ -58,6 +59,8 @@ def test_a_toy_strategy_runs_through_evaluation_and_comparison():
         {
             "params:data": MemoryDataset({"source": "digits"}),
             "params:seed": MemoryDataset(0),
+            # Two seeds: the new strategy's other seed goes through evaluation and comparison.
+            "params:evaluation": MemoryDataset({"seeds": 2}),
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 32}),
             "params:extraction": MemoryDataset({"cache_dir": None, "progress": False}),
             "params:device": MemoryDataset("cpu"),
@@ -69,6 +72,9 @@ def test_a_toy_strategy_runs_through_evaluation_and_comparison():
     outputs = SequentialRunner().run(pipelines["__default__"], catalog)
     report = outputs["comparison_report"].load()
     assert f"| {TOY.name} |" in report and "| feature_transfer |" in report
+    assert f"Trained with several seeds (feature_transfer 2, {TOY.name} 2;" in report
+    record = outputs["comparison_record"].load()
+    assert [pair["test"] for pair in record["pairwise"]] == [SEEDS_BOOTSTRAP]
     chart = outputs["comparison_chart"].load()
     toy_bars = [
         bar

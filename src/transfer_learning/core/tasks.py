@@ -109,3 +109,14 @@ def require_single_task(class_names: Mapping[str, Any], pipeline: str) -> None:
             f"{len(tasks.names)} (data.label_columns={tasks.names}). Run it with one, e.g. "
             f'--params="data.label_columns={tasks.names[0]}".'
         )
+
+
+def predicted_by_seed(
+    arrays: Mapping[str, np.ndarray], seed_arrays: Mapping[str, np.ndarray], task: int
+) -> np.ndarray:
+    """(seeds × images) predicted labels of task number `task`, on the rows with its label:
+    the scored model's (`arrays`), then those of the same strategy trained with its other seeds
+    (`seed_arrays["predicted_<task>"]`, see `evaluation.seeds`; none when absent)."""
+    deployed = task_predictions(arrays, task)[1].argmax(axis=1)
+    others = seed_arrays.get(f"predicted_{task}", np.empty((0, len(deployed))))
+    return np.vstack([deployed, np.asarray(others, dtype=np.int64).reshape(-1, len(deployed))])

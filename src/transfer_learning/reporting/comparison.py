@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from transfer_learning.core.tasks import predicted_by_seed
 from transfer_learning.reporting.statistics import (
     ALPHA,
+    TEST_NAMES,
     detectability,
     pairwise_comparisons,
     recommendation,
@@ -38,7 +40,7 @@ class Control:
 
 
 # In comparison.md, not in the chart.
-TABLE_ONLY = ("balanced_accuracy", "image_size", "ece_uncalibrated")
+TABLE_ONLY = ("balanced_accuracy", "image_size", "ece_uncalibrated", "seeds")
 # 95 % bootstrap intervals of the metrics that have one (`<metric>_interval` in the reports).
 INTERVALS = ("accuracy_interval", "balanced_accuracy_interval", "macro_f1_interval")
 
@@ -106,11 +108,7 @@ def comparison_markdown(
         *rows,
         "",
         f"Best test accuracy: **{table['accuracy'].idxmax()}**. "
-        + (
-            "In brackets: 95 % intervals (percentile bootstrap over the test images). "
-            if table["accuracy_interval"].notna().any()
-            else ""
-        )
+        + _interval_note(table)
         + "Balanced accuracy is the mean of the per-class recalls (below): it weighs every class "
         "equally, whatever its size. ECE is the expected calibration error (15 bins; lower is "
         "better) of the deployed model, calibrated by a temperature fitted on held-out images; "
@@ -153,6 +151,27 @@ def comparison_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _interval_note(table: pd.DataFrame) -> str:
+    """What the brackets are: over the test images, and over the seeds where there were several."""
+    if not table["accuracy_interval"].notna().any():
+        return ""
+    seeds = {
+        name: int(row["seeds"]["count"])
+        for name, row in table.iterrows()
+        if isinstance(row["seeds"], Mapping) and row["seeds"].get("count", 1) > 1
+    }
+    if not seeds:
+        return "In brackets: 95 % intervals (percentile bootstrap over the test images). "
+    listing = ", ".join(f"{name} {count}" for name, count in seeds.items())
+    return (
+        f"Trained with several seeds ({listing}; `evaluation.seeds`), a strategy's accuracy, "
+        "balanced accuracy and macro-F1 are the means over its seeds' models, and its 95 % "
+        "interval (in brackets) comes from a bootstrap that draws the seeds as well as the test "
+        "images; its ECE is the deployed (first-seed) model's. Other brackets: percentile "
+        "bootstrap over the test images. "
+    )
+
+
 def _answer(statistics: Mapping[str, Any]) -> list[str]:
     """The recommendation and how fine a difference the test set resolves, in words."""
     chosen = statistics["recommendation"]
@@ -191,18 +210,18 @@ def _answer(statistics: Mapping[str, Any]) -> list[str]:
 
 
 def _pairwise_lines(pairwise: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [
+    lines = [
         "",
         "## Paired comparisons (the same test images)",
         "",
         "| a | b | accuracy a − b (points) | 95 % interval | only a right | only b right "
-        "| McNemar p | Holm-adjusted p |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| test | p | Holm-adjusted p |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
         *(
             f"| {pair['a']} | {pair['b']} | {pair['accuracy_difference'] * 100:+.1f} "
             f"| [{pair['interval'][0] * 100:+.1f}, {pair['interval'][1] * 100:+.1f}] "
-            f"| {pair['a_only_right']} | {pair['b_only_right']} | {pair['p_value']:.2g} "
-            f"| {pair['p_value_holm']:.2g} |"
+            f"| {pair['a_only_right']} | {pair['b_only_right']} | {TEST_NAMES[pair['test']]} "
+            f"| {pair['p_value']:.2g} | {pair['p_value_holm']:.2g} |"
             for pair in pairwise
         ),
         "",
@@ -210,6 +229,15 @@ def _pairwise_lines(pairwise: Sequence[Mapping[str, Any]]) -> list[str]:
         'unevenly; Holm\'s adjustment keeps the chance of any false "significant" among all '
         f"pairs under {ALPHA}. The interval is a paired bootstrap of the difference.",
     ]
+    if any(pair["test"] != "mcnemar_exact" for pair in pairwise):
+        lines.append(
+            "Where a strategy was trained with several seeds, the difference is between the "
+            "means over the seeds, and the test is the paired bootstrap that draws the test "
+            "images (the same for both) and each strategy's seeds: it covers the seed's "
+            "variation too, which McNemar's test of two single models cannot. The only-right "
+            "counts are the deployed (first-seed) models'."
+        )
+    return lines
 
 
 def _with_interval(value: Any, interval: Any) -> str:
@@ -269,14 +297,21 @@ RECORDED = (
 
 
 def comparison_statistics(
-    reports: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, np.ndarray]]
+    reports: Sequence[Mapping[str, Any]],
+    predictions: Sequence[Mapping[str, np.ndarray]],
+    seed_predictions: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Paired tests of every pair of strategies on their test predictions (first task), the
-    recommendation and how fine a difference the test set resolves."""
+    recommendation and how fine a difference the test set resolves.
+
+    `seed_predictions` are each strategy's other seeds' predicted labels (`predicted_0`, seeds ×
+    test images of the first task; `evaluation.seeds`), compared with theirs as well.
+    """
     names = [report["strategy"] for report in reports]
+    seed_predictions = seed_predictions or [{} for _ in names]
     by_name = {
-        name: (arrays["label"], np.asarray(arrays["probabilities"]).argmax(axis=1))
-        for name, arrays in zip(names, predictions, strict=True)
+        name: (arrays["label"], predicted_by_seed(arrays, others, task=0))
+        for name, arrays, others in zip(names, predictions, seed_predictions, strict=True)
     }
     pairwise = pairwise_comparisons(by_name) if len(names) > 1 else []
     summaries = {
@@ -297,7 +332,7 @@ def comparison_record(
 ) -> dict[str, Any]:
     """comparison.json: every strategy's metrics and intervals, the pairwise tests and the
     recommendation, for programs to read."""
-    keys = RECORDED + INTERVALS + ("predict_seconds",)
+    keys = RECORDED + INTERVALS + ("predict_seconds", "seeds")
     return {
         "strategies": {
             report["strategy"]: {key: report[key] for key in keys if key in report}

@@ -4,6 +4,12 @@ adjustment, the smallest difference a test set can detect, and the recommendatio
 Every strategy is scored on the same test images, so two strategies are compared *paired*: the
 exact McNemar test on the images one gets right and the other wrong, and a paired bootstrap of
 the accuracy difference (the same resampled images for both).
+
+A strategy trained with several seeds (`evaluation.seeds`) has one prediction per seed and test
+image. Its figures are then means over the seeds; every bootstrap resample draws the seeds with
+replacement as well as the images, so the intervals cover both the training seed and the test
+sample; and two strategies are compared by that bootstrap's two-sided p-value, since McNemar's
+test is exact for one pair of models only.
 """
 
 from __future__ import annotations
@@ -16,11 +22,16 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest, norm
 
+from transfer_learning.core.config import check_known_keys, positive_int
+
 RESAMPLES = 2000
 LEVEL = 0.95
 ALPHA = 0.05
 POWER = 0.8
 INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+MCNEMAR = "mcnemar_exact"
+SEEDS_BOOTSTRAP = "paired_bootstrap_over_seeds_and_images"
+TEST_NAMES = {MCNEMAR: "McNemar", SEEDS_BOOTSTRAP: "paired-bootstrap (seeds × images)"}
 # Elements of one block of resampled confusion matrices: bounds the memory whatever the classes.
 _BLOCK_ELEMENTS = 4_000_000
 
@@ -63,6 +74,35 @@ def metrics_of_confusions(confusions: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _seed_draws(n_seeds: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples × n_seeds) seed positions drawn with replacement; one seed needs no draw."""
+    if n_seeds == 1:
+        return np.zeros((resamples, 1), dtype=np.int64)
+    return rng.integers(0, n_seeds, size=(resamples, n_seeds))
+
+
+def _mean_over_drawn_seeds(per_seed: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """Each resample's mean over its drawn seeds, from per-seed values (seeds × resamples)."""
+    return per_seed[drawn, np.arange(per_seed.shape[1])[:, None]].mean(axis=1)
+
+
+def seed_predictions_matrix(predicted: np.ndarray) -> np.ndarray:
+    """Predicted labels as (seeds × images): one model's (images,) becomes one row."""
+    return np.atleast_2d(np.asarray(predicted, dtype=np.int64))
+
+
+def metrics_by_seed(
+    labels: np.ndarray, predicted: np.ndarray, n_classes: int
+) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy and macro-F1 of each seed's predictions (seeds × images)."""
+    labels, predicted = np.asarray(labels, dtype=np.int64), seed_predictions_matrix(predicted)
+    every_image = np.arange(len(labels))[None]
+    per_seed = [
+        metrics_of_confusions(_confusions(labels, row, n_classes, every_image)) for row in predicted
+    ]
+    return {name: np.concatenate([m[name] for m in per_seed]) for name in INTERVAL_METRICS}
+
+
 def bootstrap_intervals(
     labels: np.ndarray,
     predicted: np.ndarray,
@@ -72,14 +112,23 @@ def bootstrap_intervals(
     level: float = LEVEL,
 ) -> dict[str, list[float]]:
     """Percentile-bootstrap `level` intervals of accuracy, balanced accuracy and macro-F1 over
-    the test images (resampled with replacement, seeded)."""
-    labels, predicted = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    the test images (resampled with replacement, seeded).
+
+    `predicted` is one model's labels (images,) or one per training seed (seeds × images): then
+    each resample also draws the seeds with replacement and takes the mean over them.
+    """
+    labels, predicted = np.asarray(labels, dtype=np.int64), seed_predictions_matrix(predicted)
+    seed_rng = np.random.default_rng([seed, len(predicted)])
     draws: dict[str, list[np.ndarray]] = {name: [] for name in INTERVAL_METRICS}
     for positions in _resample_blocks(len(labels), n_classes, resamples, seed):
-        for name, values in metrics_of_confusions(
-            _confusions(labels, predicted, n_classes, positions)
-        ).items():
-            draws[name].append(values)
+        per_seed = [
+            metrics_of_confusions(_confusions(labels, row, n_classes, positions))
+            for row in predicted
+        ]
+        drawn = _seed_draws(len(predicted), len(positions), seed_rng)
+        for name in INTERVAL_METRICS:
+            values = np.stack([metrics[name] for metrics in per_seed])
+            draws[name].append(_mean_over_drawn_seeds(values, drawn))
     tail = (1 - level) / 2 * 100
     return {
         name: [float(v) for v in np.percentile(np.concatenate(values), [tail, 100 - tail])]
@@ -88,15 +137,39 @@ def bootstrap_intervals(
 
 
 @dataclass(frozen=True)
+class EvaluationSettings:
+    """The `evaluation` parameter block."""
+
+    seeds: int = 1  # train every strategy with this many seeds: seed, seed + 1, …
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> EvaluationSettings:
+        params = dict(params or {})
+        check_known_keys(cls, params, "evaluation", ValueError)
+        settings = cls(**params)
+        if not positive_int(settings.seeds):
+            raise ValueError(
+                f"evaluation.seeds must be a whole number ≥ 1, got {settings.seeds!r}; 1 trains "
+                "each strategy once, N trains it N times and the intervals cover the seeds."
+            )
+        return settings
+
+    def other_seeds(self, seed: int) -> list[int]:
+        """The seeds of a strategy's extra trainings, after its own `seed`."""
+        return [seed + k for k in range(1, self.seeds)]
+
+
+@dataclass(frozen=True)
 class PairedComparison:
     a: str
     b: str
     accuracy_difference: float  # accuracy of a − accuracy of b
     interval: list[float]  # paired-bootstrap interval of the difference
-    a_only_right: int  # images a gets right and b wrong
+    a_only_right: int  # images a gets right and b wrong (the first seed's models)
     b_only_right: int
-    p_value: float  # exact McNemar (two-sided binomial test on the discordant images)
+    p_value: float  # exact McNemar; with several seeds, the paired bootstrap's two-sided p
     p_value_holm: float = math.nan
+    test: str = MCNEMAR
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -108,8 +181,12 @@ class PairedComparison:
             "b_only_right": self.b_only_right,
             "p_value": self.p_value,
             "p_value_holm": self.p_value_holm,
-            "test": "mcnemar_exact",
+            "test": self.test,
         }
+
+    @property
+    def test_name(self) -> str:
+        return TEST_NAMES[self.test]
 
 
 def mcnemar_exact(a_only_right: int, b_only_right: int) -> float:
@@ -129,26 +206,49 @@ def paired_comparison(
     seed: int = 0,
     level: float = LEVEL,
 ) -> PairedComparison:
-    """Strategy a against b on the same test images (in the same order)."""
-    right_a = np.asarray(predicted_a) == np.asarray(labels)
-    right_b = np.asarray(predicted_b) == np.asarray(labels)
-    difference = right_a.astype(np.float64) - right_b
-    draws = [
-        difference[positions].mean(axis=1)
-        for positions in _resample_blocks(len(difference), 1, resamples, seed)
-    ]
+    """Strategy a against b on the same test images (in the same order).
+
+    `predicted_a` and `predicted_b` are one model's labels each, or one row per training seed
+    (seeds × images). With one seed each: the exact McNemar test. With more: the difference of
+    the means over the seeds, and the p-value of the bootstrap that draws images (the same for
+    both) and each strategy's seeds (independently: seed k of one is unrelated to seed k of
+    the other). The discordant counts are always the first seed's (the deployed) models'.
+    """
+    labels = np.asarray(labels)
+    right_a = seed_predictions_matrix(predicted_a) == labels
+    right_b = seed_predictions_matrix(predicted_b) == labels
+    seed_rng = np.random.default_rng([seed, len(right_a), len(right_b)])
+    draws = []
+    for positions in _resample_blocks(len(labels), 1, resamples, seed):
+        means = []
+        for right in (right_a, right_b):
+            per_seed = np.stack([row[positions].mean(axis=1) for row in right])
+            drawn = _seed_draws(len(right), len(positions), seed_rng)
+            means.append(_mean_over_drawn_seeds(per_seed, drawn))
+        draws.append(means[0] - means[1])
+    draws = np.concatenate(draws)
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(np.concatenate(draws), [tail, 100 - tail])
-    a_only, b_only = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    a_only = int((right_a[0] & ~right_b[0]).sum())
+    b_only = int((right_b[0] & ~right_a[0]).sum())
+    one_seed = len(right_a) == len(right_b) == 1
     return PairedComparison(
         names[0],
         names[1],
-        float(difference.mean()),
+        float(right_a.mean() - right_b.mean()),
         [float(low), float(high)],
         a_only,
         b_only,
-        mcnemar_exact(a_only, b_only),
+        mcnemar_exact(a_only, b_only) if one_seed else bootstrap_p_value(draws),
+        test=MCNEMAR if one_seed else SEEDS_BOOTSTRAP,
     )
+
+
+def bootstrap_p_value(differences: np.ndarray) -> float:
+    """Two-sided p-value of "no difference" from bootstrap draws of a difference: twice the
+    smaller share of draws on either side of 0 (each count plus one, so never 0)."""
+    below, above = int((differences <= 0).sum()), int((differences >= 0).sum())
+    return min(1.0, 2 * (min(below, above) + 1) / (len(differences) + 1))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -195,7 +295,7 @@ def recommendation(
     summaries: Mapping[str, Mapping[str, Any]], pairwise: Sequence[PairedComparison]
 ) -> dict[str, Any]:
     """The cheapest strategy (training + scoring seconds) whose accuracy is not significantly
-    below the most accurate one's (Holm-adjusted McNemar p ≥ ALPHA), with the reason in words."""
+    below the most accurate one's (Holm-adjusted p ≥ ALPHA), with the reason in words."""
     best = max(summaries, key=lambda name: summaries[name]["accuracy"])
 
     def pair_with_best(name: str) -> PairedComparison | None:
@@ -227,7 +327,7 @@ def recommendation(
             f"{chosen} costs least ({cost(chosen):.0f} s to train and score against "
             f"{cost(best):.0f} s for {best}) and its accuracy, {own * 100:.1f} %, is not "
             f"significantly below {best}'s {accuracy * 100:.1f} % (difference "
-            f"{(own - accuracy) * 100:+.1f} points, Holm-adjusted McNemar p = "
+            f"{(own - accuracy) * 100:+.1f} points, Holm-adjusted {pair.test_name} p = "
             f"{pair.p_value_holm:.2g})."
         )
     return {"strategy": chosen, "most_accurate": best, "reason": reason}
@@ -237,7 +337,8 @@ def pairwise_comparisons(
     predictions: Mapping[str, tuple[np.ndarray, np.ndarray]], seed: int = 0
 ) -> list[PairedComparison]:
     """Every pair of strategies (in the order given) on the same test images, `predictions`
-    being name → (labels, predicted labels); Holm-adjusted over all the pairs."""
+    being name → (labels, predicted labels: one model's, or seeds × images); Holm-adjusted over
+    all the pairs."""
     names = list(predictions)
     first_labels = predictions[names[0]][0]
     for name in names[1:]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from transfer_learning.pipelines.ensemble.nodes import combine_models
+from transfer_learning.models.calibration import fit_temperature
+from transfer_learning.pipelines.ensemble.nodes import combine_models, combine_other_seeds
 from transfer_learning.serving.classifier import CombinedClassifier, ImageClassifier
 
 CLASSES = ["a", "b", "c"]
@@ -89,3 +90,50 @@ def test_members_of_different_classes_cannot_be_combined():
     other = ImageClassifier("parameter_transfer", ["a", "b"], "efficientnet_lite0", 48, {})
     with pytest.raises(ValueError, match="must predict the same classes"):
         CombinedClassifier("ensemble", [member("feature_transfer", 1.0), other], [0.5, 0.5])
+
+
+def test_each_other_seeds_members_are_combined_and_calibrated_like_the_deployed_ones():
+    held_out_head, held_out_network, _ = held_out_predictions()
+    members = ("feature_transfer", "parameter_transfer")
+
+    def trained(strategy, temperature, held_out, seed, seconds):
+        return {
+            "seed": seed,
+            "image_model": member(strategy, temperature),
+            "held_out_predictions": held_out,
+            "fit_seconds": seconds,
+        }
+
+    head_seeds = [
+        trained("feature_transfer", t, held_out_head, s, 3.0) for t, s in ((2, 8), (1, 9))
+    ]
+    network_seeds = [
+        trained("parameter_transfer", t, held_out_network, s, 40.0) for t, s in ((0.5, 8), (3, 9))
+    ]
+    others = combine_other_seeds(
+        {"classes": CLASSES}, head_seeds, network_seeds, members=members, strategy="ensemble"
+    )
+    assert [other["seed"] for other in others] == [8, 9]
+    for other, head, network in zip(others, head_seeds, network_seeds, strict=True):
+        expected, held_out, summary = combine_models(
+            {"classes": CLASSES},
+            head["image_model"],
+            network["image_model"],
+            head["held_out_predictions"],
+            network["held_out_predictions"],
+            {"fit_seconds": 3.0},
+            {"fit_seconds": 40.0},
+            members=members,
+            strategy="ensemble",
+        )
+        model = other["image_model"]
+        assert isinstance(model, CombinedClassifier) and model.weights == expected.weights
+        assert model.temperatures["class"] == fit_temperature(
+            held_out["probabilities"], held_out["label"]
+        )
+        assert other["fit_seconds"] >= 43.0
+    assert others[0]["image_model"].weights != others[1]["image_model"].weights
+    with pytest.raises(ValueError):  # a member with fewer seeds than the other
+        combine_other_seeds(
+            {"classes": CLASSES}, head_seeds, network_seeds[:1], members=members, strategy="e"
+        )

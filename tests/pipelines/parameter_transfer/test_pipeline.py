@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
@@ -12,7 +13,7 @@ from transfer_learning.pipelines.templates.network_training import network_train
 RECIPE = {"epochs": 2, "batch_size": 16, "hflip": False, "patience": None}
 
 
-def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
+def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True, seeds: int = 1):
     index, classes, _ = build_image_index(DataSettings(), seed=0)
     index = index.groupby("split", group_keys=False).head(60).reset_index(drop=True)
     catalog = DataCatalog(
@@ -27,6 +28,7 @@ def run(strategy: str, tmp_path, overrides: dict, evaluate: bool = True):
             "params:training": MemoryDataset({"checkpoint_dir": str(tmp_path), "progress": False}),
             f"params:{strategy}": MemoryDataset(overrides),
             "params:seed": MemoryDataset(3),
+            "params:evaluation": MemoryDataset({"seeds": seeds}),
             "params:device": MemoryDataset("cpu"),
             "params:distributed": MemoryDataset({}),
         }
@@ -46,6 +48,22 @@ def test_same_seed_same_metrics_on_cpu(tmp_path):
         first.pop(timing), second.pop(timing)
     assert first == second
     assert first["n_test"] == 60 and first["strategy"] == "parameter_transfer"
+
+
+@pytest.mark.slow  # over 7 s alone: `make test` runs it, `make test-fast` does not
+def test_with_two_seeds_the_network_is_trained_twice_and_evaluated_over_both(tmp_path):
+    overrides = {"backbone": {"image_size": 32}}
+    once = run("parameter_transfer", tmp_path / "once", overrides)
+    twice = run("parameter_transfer", tmp_path / "twice", overrides, seeds=2)
+    # The other seed (3 + 1) trained in its own checkpoint folder: resuming one seed never continues another.
+    assert (tmp_path / "twice" / "parameter_transfer" / "seed_4" / "last.pt").exists()
+    assert (tmp_path / "twice" / "parameter_transfer" / "last.pt").exists()
+    metrics, alone = twice["parameter_transfer.metrics"], once["parameter_transfer.metrics"]
+    # The deployed model is the first seed's, the same whether or not others are trained.
+    assert metrics["seeds"]["accuracy"][0] == alone["accuracy"] and metrics["ece"] == alone["ece"]
+    assert metrics["seeds"]["count"] == 2 and metrics["seeds"]["other_seeds"] == [4]
+    assert metrics["accuracy"] == pytest.approx(np.mean(metrics["seeds"]["accuracy"]))
+    assert alone["seeds"] == {"count": 1}
 
 
 def test_structure_transfer_trains_from_random_weights_with_its_own_overrides(tmp_path):

@@ -27,11 +27,17 @@ def compare_strategies(
     error bars, comparison.json, and the recommendation as an MLflow tag.
 
     `inputs` are every strategy's `<strategy>.metrics`, then every strategy's
-    `<strategy>.test_predictions`, in registry order.
+    `<strategy>.test_predictions`, then every strategy's `<strategy>.seed_predictions` (its
+    other seeds' models' predicted labels), in registry order.
     """
-    reports, predictions = inputs[: len(inputs) // 2], inputs[len(inputs) // 2 :]
+    count = len(inputs) // 3
+    reports, predictions, seed_predictions = (
+        inputs[:count],
+        inputs[count : 2 * count],
+        inputs[2 * count :],
+    )
     table = comparison_table(reports)
-    statistics = comparison_statistics(reports, predictions)
+    statistics = comparison_statistics(reports, predictions, seed_predictions)
     markdown = comparison_markdown(
         table, controls, recall_table(reports), task_table(reports), statistics
     )

@@ -28,6 +28,7 @@ def create_pipeline(strategies: Sequence[Strategy] = (), **kwargs) -> Pipeline:
                 inputs=[
                     *(f"{s.name}.metrics" for s in strategies),
                     *(f"{s.name}.test_predictions" for s in strategies),
+                    *(f"{s.name}.seed_predictions" for s in strategies),
                 ],
                 outputs=[
                     "comparison_report",

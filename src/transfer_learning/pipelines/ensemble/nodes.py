@@ -12,6 +12,7 @@ import numpy as np
 from transfer_learning.core.tasks import MISSING, Tasks
 from transfer_learning.models.calibration import apply_temperature
 from transfer_learning.models.combination import choose_weights, mixture
+from transfer_learning.pipelines.templates.calibration.nodes import calibrate_image_model
 from transfer_learning.serving.classifier import CombinedClassifier
 from transfer_learning.serving.packaging import local_image_classifier
 
@@ -71,6 +72,37 @@ def combine_models(
         },
     }
     return combined, _arrays(locations, task_labels, mixed, tasks), summary
+
+
+def combine_other_seeds(
+    class_names: dict[str, Any],
+    *members_other_seeds: list[dict[str, Any]],
+    members: Sequence[str],
+    strategy: str,
+) -> list[dict[str, Any]]:
+    """The combination of each other seed's member models (`evaluation.seeds`; none by
+    default), weighted and calibrated as the deployed combination is. The members train with
+    the same seeds, so their k-th models share one."""
+    others = []
+    for trained in zip(*members_other_seeds, strict=True):
+        combined, held_out, summary = combine_models(
+            class_names,
+            *(member["image_model"] for member in trained),
+            *(member["held_out_predictions"] for member in trained),
+            *({"fit_seconds": member["fit_seconds"]} for member in trained),
+            members=members,
+            strategy=strategy,
+        )
+        calibrated, _ = calibrate_image_model(combined, held_out, class_names)
+        others.append(
+            {
+                "seed": trained[0]["seed"],
+                "image_model": calibrated,
+                "held_out_predictions": held_out,
+                "fit_seconds": summary["fit_seconds"],
+            }
+        )
+    return others
 
 
 def _shared_held_out(

@@ -1,8 +1,9 @@
 """The evaluation pipeline: one template, instantiated once per strategy under its namespace.
 
-Every strategy's pipeline ends in `<strategy>.image_model` (the deployable model) and
-`<strategy>.training_summary`; this template scores the test split with that model, evaluates it,
-and (in a strategy's run) registers it in MLflow.
+Every strategy's pipeline ends in `<strategy>.image_model` (the deployable model),
+`<strategy>.training_summary` and `<strategy>.other_seeds` (its models trained with the other
+seeds of `evaluation.seeds`, none by default); this template scores the test split with those
+models, evaluates them, and (in a strategy's run) registers the deployable one in MLflow.
 """
 
 from collections.abc import Sequence
@@ -15,13 +16,14 @@ from transfer_learning.serving.scoring import score_test_split, select_test_spli
 from .nodes import (
     evaluate_test_predictions,
     register_image_model,
+    score_other_seeds,
 )
 
 
 def evaluation_for(strategy: str, register: bool = True) -> Pipeline:
     """Evaluation of `strategy`'s image model, reading and writing `<strategy>.*` datasets.
 
-    `register=False` re-evaluates stored models without registering new MLflow versions.
+    `register=False` evaluates without registering new MLflow versions.
     """
     evaluate = bind(evaluate_test_predictions, strategy=strategy)
     nodes = [
@@ -33,8 +35,14 @@ def evaluation_for(strategy: str, register: bool = True) -> Pipeline:
             name="score_test_split",
         ),
         Node(
+            score_other_seeds,
+            ["other_seeds", "test_index"],
+            "seed_predictions",
+            name="score_other_seeds",
+        ),
+        Node(
             evaluate,
-            ["test_predictions", "training_summary", "class_names"],
+            ["test_predictions", "seed_predictions", "training_summary", "class_names"],
             [
                 "metrics",
                 "per_class_metrics",
@@ -59,5 +67,16 @@ def evaluation_for(strategy: str, register: bool = True) -> Pipeline:
 
 
 def create_pipeline(strategies: Sequence[str] = (), **kwargs) -> Pipeline:
-    """Re-evaluate the stored image models of `strategies` (no new MLflow registrations)."""
-    return sum((evaluation_for(name, register=False) for name in strategies), Pipeline([]))
+    """Re-evaluate the stored image models of `strategies` (no new MLflow registrations).
+
+    The models of a strategy's other seeds live only during its run: their stored test
+    predictions are read instead of being scored again.
+    """
+    pipelines = [evaluation_for(name, register=False) for name in strategies]
+    return sum(
+        (
+            pipeline - pipeline.only_nodes(f"{name}.score_other_seeds")
+            for name, pipeline in zip(strategies, pipelines, strict=True)
+        ),
+        Pipeline([]),
+    )

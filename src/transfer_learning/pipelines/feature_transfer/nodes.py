@@ -11,7 +11,9 @@ from sklearn.pipeline import Pipeline
 from transfer_learning.core.tasks import MISSING, Tasks
 from transfer_learning.models.backbones import BackboneSettings
 from transfer_learning.models.heads import FittedHead, HeadSettings, TaskHeads, select_and_fit
+from transfer_learning.pipelines.templates.calibration.nodes import calibrate_image_model
 from transfer_learning.reporting.evaluation import align_probabilities
+from transfer_learning.reporting.statistics import EvaluationSettings
 from transfer_learning.serving.classifier import ImageClassifier
 from transfer_learning.serving.packaging import head_image_model
 
@@ -177,3 +179,34 @@ def package_head_model(
     return head_image_model(
         head_model, class_names, BackboneSettings.from_params(backbone), strategy
     )
+
+
+def fit_other_seeds(  # noqa: PLR0913 (fit_head's inputs, the backbone and the evaluation block)
+    train_features: Arrays,
+    val_features: Arrays,
+    class_names: dict[str, Any],
+    head: dict[str, Any],
+    seed: int,
+    backbone: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The head fitted again with each other seed of `evaluation.seeds` (none by default): the
+    seed sets the cross-validation folds and any randomness of the head; each model packaged
+    and calibrated as the deployed one is. Each: `seed`, `image_model`,
+    `held_out_predictions`, `fit_seconds`."""
+    others = []
+    for other in EvaluationSettings.from_params(evaluation).other_seeds(seed):
+        model, _, summary, held_out = fit_head(
+            train_features, val_features, class_names, head, other
+        )
+        packaged = package_head_model(model, class_names, backbone, "feature_transfer")
+        calibrated, _ = calibrate_image_model(packaged, held_out, class_names)
+        others.append(
+            {
+                "seed": other,
+                "image_model": calibrated,
+                "held_out_predictions": held_out,
+                "fit_seconds": summary["fit_seconds"],
+            }
+        )
+    return others

@@ -1,5 +1,6 @@
 """The feature_transfer pipeline: features → head chosen on val, refitted on train+val →
-calibrated image model (temperature fitted on the head's out-of-fold predictions).
+calibrated image model (temperature fitted on the head's out-of-fold predictions); the same
+again for every other seed of `evaluation.seeds`.
 
 Its datasets live under the `feature_transfer.` namespace, like every strategy's, so that the
 shared evaluation reads `feature_transfer.image_model` and `feature_transfer.training_summary`.
@@ -10,7 +11,7 @@ from kedro.pipeline import Node, Pipeline
 from transfer_learning.pipelines import bind
 from transfer_learning.pipelines.templates.calibration import calibration_pipeline
 
-from .nodes import fit_head, package_head_model, split_features
+from .nodes import fit_head, fit_other_seeds, package_head_model, split_features
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -35,6 +36,20 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="fit_head",
             ),
             Node(
+                func=fit_other_seeds,
+                inputs=[
+                    "train_features",
+                    "val_features",
+                    "class_names",
+                    "params:head",
+                    "params:seed",
+                    "backbone",
+                    "params:evaluation",
+                ],
+                outputs="other_seeds",
+                name="fit_other_seeds",
+            ),
+            Node(
                 func=bind(package_head_model, strategy="feature_transfer"),
                 inputs=["model", "class_names", "backbone"],
                 outputs="uncalibrated_model",
@@ -47,5 +62,5 @@ def create_pipeline(**kwargs) -> Pipeline:
         nodes,
         namespace="feature_transfer",
         inputs={"image_features", "class_names", "backbone"},
-        parameters={"params:head", "params:seed"},
+        parameters={"params:head", "params:seed", "params:evaluation"},
     )

@@ -11,8 +11,11 @@ from transfer_learning.core.distributed import DistributedSettings
 from transfer_learning.core.runtime import resolve_device
 from transfer_learning.core.tasks import Tasks
 from transfer_learning.kedro_io.tracking import MlflowMetrics
+from transfer_learning.pipelines.templates.calibration.nodes import calibrate_image_model
+from transfer_learning.reporting.statistics import EvaluationSettings
 from transfer_learning.serving.classifier import ImageClassifier
 from transfer_learning.serving.packaging import network_image_model
+from transfer_learning.serving.scoring import score_val_split
 from transfer_learning.training.recipe import Recipe, TrainingRunSettings, TrainValImages
 from transfer_learning.training.trainer import train_classifier
 
@@ -56,8 +59,11 @@ def train_model(  # noqa: PLR0913 (a training run's inputs, each a catalog entry
     device: str,
     distributed: dict[str, Any],
     strategy: str,
+    run_name: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], MlflowMetrics]:
     """Train on train, keep the epoch with the best val accuracy (on `distributed.*` processes).
+
+    `run_name` (the strategy's name by default) keys the checkpoint folder of `training.resume`.
 
     With several label columns: one network with a head per task, the loss summed over the tasks
     (`finetune.task_weights`); the best epoch has the best mean val accuracy over the tasks.
@@ -74,7 +80,7 @@ def train_model(  # noqa: PLR0913 (a training run's inputs, each a catalog entry
         TrainingRunSettings.from_params(training),
         seed,
         resolve_device(device),
-        run_name=strategy,
+        run_name=run_name or strategy,
         distributed=DistributedSettings.from_params(distributed),
     )
     checkpoint = {
@@ -122,3 +128,48 @@ def package_network_model(
 ) -> ImageClassifier:
     """The deployable images → probabilities model, from the best checkpoint."""
     return network_image_model(model_checkpoint, class_names, strategy)
+
+
+def train_other_seeds(  # noqa: PLR0913 (train_model's inputs and the evaluation block)
+    train_index: pd.DataFrame,
+    val_index: pd.DataFrame,
+    class_names: dict[str, Any],
+    recipe: Recipe,
+    training: dict[str, Any],
+    seed: int,
+    device: str,
+    distributed: dict[str, Any],
+    evaluation: dict[str, Any],
+    strategy: str,
+) -> list[dict[str, Any]]:
+    """The strategy trained again with each other seed of `evaluation.seeds` (none by default),
+    each model packaged and calibrated on val as the deployed one is, for the evaluation to
+    measure how much the result depends on the seed. Each: `seed`, `image_model`,
+    `held_out_predictions`, `fit_seconds`."""
+    others = []
+    for other in EvaluationSettings.from_params(evaluation).other_seeds(seed):
+        logger.info("%s: training again with seed %d (evaluation.seeds)", strategy, other)
+        checkpoint, summary, _ = train_model(
+            train_index,
+            val_index,
+            class_names,
+            recipe,
+            training,
+            other,
+            device,
+            distributed,
+            strategy,
+            run_name=f"{strategy}/seed_{other}",
+        )
+        model = package_network_model(checkpoint, class_names, strategy)
+        held_out = score_val_split(model, val_index)
+        calibrated, _ = calibrate_image_model(model, held_out, class_names)
+        others.append(
+            {
+                "seed": other,
+                "image_model": calibrated,
+                "held_out_predictions": held_out,
+                "fit_seconds": summary["fit_seconds"],
+            }
+        )
+    return others

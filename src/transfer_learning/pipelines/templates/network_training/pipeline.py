@@ -1,5 +1,5 @@
 """The network-training template: recipe → train → best-on-val checkpoint → image model,
-calibrated on val."""
+calibrated on val; the same again for every other seed of `evaluation.seeds`."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -7,7 +7,13 @@ from transfer_learning.pipelines import bind
 from transfer_learning.pipelines.templates.calibration import calibration_pipeline
 from transfer_learning.serving.scoring import score_val_split
 
-from .nodes import package_network_model, resolve_recipe, split_train_val, train_model
+from .nodes import (
+    package_network_model,
+    resolve_recipe,
+    split_train_val,
+    train_model,
+    train_other_seeds,
+)
 
 
 def network_training_pipeline(strategy: str) -> Pipeline:
@@ -47,6 +53,22 @@ def network_training_pipeline(strategy: str) -> Pipeline:
                 name="train_model",
             ),
             Node(
+                func=bind(train_other_seeds, strategy=strategy),
+                inputs=[
+                    "train_index",
+                    "val_index",
+                    "class_names",
+                    "recipe",
+                    "params:training",
+                    "params:seed",
+                    "params:device",
+                    "params:distributed",
+                    "params:evaluation",
+                ],
+                outputs="other_seeds",
+                name="train_other_seeds",
+            ),
+            Node(
                 func=bind(package_network_model, strategy=strategy),
                 inputs=["model", "class_names"],
                 outputs="uncalibrated_model",
@@ -61,7 +83,7 @@ def network_training_pipeline(strategy: str) -> Pipeline:
         ]
     )
     nodes += calibration_pipeline()
-    shared = ("finetune", "training", "seed", "device", "distributed")
+    shared = ("finetune", "training", "seed", "device", "distributed", "evaluation")
     return Pipeline(
         nodes,
         namespace=strategy,
