@@ -18,6 +18,7 @@ from transfer_learning.pipelines import (
     backbone_selection,
     comparison,
     data_ingestion,
+    data_quality,
     domain_adaptation,
     evaluation,
     feature_extraction,
@@ -49,10 +50,12 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
     compare = comparison.create_pipeline(strategies)
     adaptation = _domain_adaptation(shared, strategies)
     curve = learning_curve.create_pipeline()
+    quality = data_quality.create_pipeline()
     return {
         "data_ingestion": ingestion,
         "backbone_selection": ingestion + backbone_selection.create_pipeline(),
         "feature_extraction": shared,
+        "data_quality": shared.to_outputs(*(quality.inputs() & shared.all_outputs())) + quality,
         **per_strategy,
         "evaluation": evaluation.create_pipeline(names),
         "comparison": compare,

@@ -2,9 +2,10 @@
 
 Everything that concerns "all strategies" — the pipeline registry, evaluation, the comparison,
 predict's choice of model — iterates over `STRATEGIES`. A strategy is one module under
-`pipelines/` whose `create_pipeline()` ends in two datasets of its namespace:
-`<name>.image_model` (the deployable, calibrated `serving.classifier.ImageModel`) and
-`<name>.training_summary` (with `fit_seconds` and `trainable_parameters`); a strategy of the
+`pipelines/` whose `create_pipeline()` ends in three datasets of its namespace:
+`<name>.image_model` (the deployable, calibrated `serving.classifier.ImageModel`),
+`<name>.training_summary` (with `fit_seconds` and `trainable_parameters`) and
+`<name>.other_seeds` (the same trained with each other seed of `evaluation.seeds`); a strategy of the
 combined kind reads its `members`' outputs, and their pipelines run with it. Adding one is that
 module, its facts in `core/strategies.py` (name, kind, colour) and one line below.
 """

@@ -166,6 +166,29 @@ def aligned_correlation(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return best
 
 
+def _verified_pairs(hashes: ImageHashes, query_at: np.ndarray, seen_at: np.ndarray) -> pd.DataFrame:
+    """(query, match, bits, correlation, exact) of the query images' duplicates among the seen
+    images (positions into `query_at` and `seen_at`): identical files, and candidates whose
+    correlation confirms the same picture."""
+    queries, matches, bits = candidate_pairs(
+        hashes.perceptual[query_at], hashes.perceptual[seen_at]
+    )
+    correlation = aligned_correlation(hashes.grey[query_at[queries]], hashes.grey[seen_at[matches]])
+    content = np.asarray(hashes.content, dtype=object)
+    identical = content[query_at[queries]] == content[seen_at[matches]]
+    pairs = pd.DataFrame(
+        {
+            "query": queries,
+            "match": matches,
+            "bits": bits,
+            "correlation": np.where(identical, 1.0, correlation),
+            "exact": identical,
+        }
+    )
+    comparable = hashes.comparable[query_at[queries]] & hashes.comparable[seen_at[matches]]
+    return pairs[pairs["exact"] | (comparable & (pairs["correlation"] >= MIN_CORRELATION))]
+
+
 def find_duplicates(index: pd.DataFrame, cache_dir: str | None = None) -> pd.DataFrame:
     """One row per test image with an exact or near duplicate among the train and val images:
     its closest such image, the kind (`exact`: an identical file; `near`), the pHash
@@ -176,21 +199,7 @@ def find_duplicates(index: pd.DataFrame, cache_dir: str | None = None) -> pd.Dat
         return pd.DataFrame(columns=DUPLICATE_COLUMNS)
     hashes = image_hashes(index["location"].tolist(), cache_dir)
     test_at, seen_at = np.flatnonzero(test), np.flatnonzero(~test)
-    queries, matches, bits = candidate_pairs(hashes.perceptual[test_at], hashes.perceptual[seen_at])
-    correlation = aligned_correlation(hashes.grey[test_at[queries]], hashes.grey[seen_at[matches]])
-    content = np.asarray(hashes.content, dtype=object)
-    identical = content[test_at[queries]] == content[seen_at[matches]]
-    pairs = pd.DataFrame(
-        {
-            "query": queries,
-            "match": matches,
-            "bits": bits,
-            "correlation": np.where(identical, 1.0, correlation),
-            "exact": identical,
-        }
-    )
-    comparable = hashes.comparable[test_at[queries]] & hashes.comparable[seen_at[matches]]
-    pairs = pairs[pairs["exact"] | (comparable & (pairs["correlation"] >= MIN_CORRELATION))]
+    pairs = _verified_pairs(hashes, test_at, seen_at)
     counts = pairs.groupby("query").size()
     closest = pairs.sort_values(["exact", "correlation"], ascending=False).drop_duplicates("query")
     tested, seen = index.iloc[test_at], index.iloc[seen_at]
@@ -208,6 +217,50 @@ def find_duplicates(index: pd.DataFrame, cache_dir: str | None = None) -> pd.Dat
         },
         columns=DUPLICATE_COLUMNS,
     ).sort_values("test_location", ignore_index=True)
+
+
+WITHIN_COLUMNS = [
+    "location",
+    "class_name",
+    "split",
+    "match_location",
+    "match_class",
+    "match_split",
+    "kind",
+    "distance_bits",
+    "correlation",
+    "same_class",
+]
+
+
+def find_duplicates_within(index: pd.DataFrame, cache_dir: str | None = None) -> pd.DataFrame:
+    """Every pair of train/val images that are the same picture (exact or near, as
+    `find_duplicates` decides), once each: a pair with two classes is a label conflict, a pair
+    with one class an image counted twice."""
+    seen_at = np.flatnonzero(index["split"].to_numpy() != "test")
+    if len(seen_at) < 2:
+        return pd.DataFrame(columns=WITHIN_COLUMNS)
+    hashes = image_hashes(index["location"].tolist(), cache_dir)
+    pairs = _verified_pairs(hashes, seen_at, seen_at)
+    pairs = pairs[pairs["query"] < pairs["match"]]  # not itself; each pair once
+    seen = index.iloc[seen_at]
+    first, second = seen.iloc[pairs["query"].to_numpy()], seen.iloc[pairs["match"].to_numpy()]
+    classes = first["class_name"].to_numpy(), second["class_name"].to_numpy()
+    return pd.DataFrame(
+        {
+            "location": first["location"].to_numpy(),
+            "class_name": classes[0],
+            "split": first["split"].to_numpy(),
+            "match_location": second["location"].to_numpy(),
+            "match_class": classes[1],
+            "match_split": second["split"].to_numpy(),
+            "kind": np.where(pairs["exact"], "exact", "near"),
+            "distance_bits": pairs["bits"].to_numpy(),
+            "correlation": pairs["correlation"].round(4).to_numpy(),
+            "same_class": classes[0] == classes[1],
+        },
+        columns=WITHIN_COLUMNS,
+    ).sort_values(["same_class", "location"], ignore_index=True)
 
 
 def apply_duplicate_policy(

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from transfer_learning.core.tasks import predicted_by_seed
+from transfer_learning.core.tasks import predicted_by_seed, task_predictions
 from transfer_learning.reporting.statistics import (
     ALPHA,
     TEST_NAMES,
@@ -301,8 +301,8 @@ def comparison_statistics(
     predictions: Sequence[Mapping[str, np.ndarray]],
     seed_predictions: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Paired tests of every pair of strategies on their test predictions (first task), the
-    recommendation and how fine a difference the test set resolves.
+    """Paired tests of every pair of strategies on their test predictions (first task, on the
+    images with its label), the recommendation and how fine a difference the test set resolves.
 
     `seed_predictions` are each strategy's other seeds' predicted labels (`predicted_0`, seeds ×
     test images of the first task; `evaluation.seeds`), compared with theirs as well.
@@ -310,7 +310,7 @@ def comparison_statistics(
     names = [report["strategy"] for report in reports]
     seed_predictions = seed_predictions or [{} for _ in names]
     by_name = {
-        name: (arrays["label"], predicted_by_seed(arrays, others, task=0))
+        name: (task_predictions(arrays, 0)[0], predicted_by_seed(arrays, others, task=0))
         for name, arrays, others in zip(names, predictions, seed_predictions, strict=True)
     }
     pairwise = pairwise_comparisons(by_name) if len(names) > 1 else []

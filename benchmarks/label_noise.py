@@ -1,0 +1,151 @@
+"""Finding flipped labels: the data_quality pipeline's confident learning against a baseline.
+
+    python benchmarks/label_noise.py --data data/01_raw/flowers --rates 0.05 0.1 0.2
+    python benchmarks/label_noise.py --data data/01_raw/cifar10_jpeg --per-class 300 --rates 0.05 0.1 0.2
+    (--per-class: at most that many images a class in each split, drawn at random)
+
+A share of the train+val labels is flipped to another class at random (seeded; test is never
+touched), then the pipeline's own node finds the label issues with the shipped `head` settings
+on the project's cached features (the shipped backbone at its `auto` size). For each rate, side
+by side in the same run:
+
+- confident learning (the project): precision and recall of the flagged images, and of the k
+  most suspect (k = the number flipped, by label quality);
+- baseline: every image whose out-of-fold prediction differs from its given label, on the same
+  probabilities (cleanlab's `predicted_neq_given`).
+
+Then the whole data_quality pipeline (label issues, outliers, train/val duplicates, the report
+and its montage) is timed on the clean labels, after the features are cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from transfer_learning.core.runtime import usable_cores
+from transfer_learning.data.index import build_image_index, profile_images
+from transfer_learning.data.settings import DataSettings
+from transfer_learning.models.backbones import BackboneSettings, resolve_image_size
+from transfer_learning.pipelines.data_quality.nodes import (
+    find_label_issues_in_features,
+    find_outliers,
+    find_train_val_duplicates,
+    report_data_quality,
+)
+from transfer_learning.pipelines.feature_extraction.nodes import extract_image_features
+
+sys.path.insert(0, str(Path(__file__).parent))
+from limited_data import shipped  # noqa: E402
+
+
+def prepared(data: str, per_class: int | None, seed: int):
+    """The folder's image index as ingestion makes it (at most `per_class` images a class in
+    each split, drawn at random), and its features from the shipped backbone at its `auto`
+    size, through the project's extractor and cache."""
+    settings = DataSettings(source="imagefolder", path=data)
+    index, classes, _ = build_image_index(settings, seed)
+    if per_class is not None:
+        index = (
+            index.groupby(["split", "label"], group_keys=False)
+            .apply(lambda rows: rows.sample(min(per_class, len(rows)), random_state=seed))
+            .sort_index()
+            .reset_index(drop=True)
+        )
+    profile = profile_images(index, settings, seed)
+    backbone = resolve_image_size(
+        BackboneSettings(**shipped("backbone")), profile["typical_short_side"]
+    )
+    start = time.perf_counter()
+    features, _ = extract_image_features(
+        index, asdict(backbone), {**shipped("extraction"), "progress": False}, "auto", {}
+    )
+    print(
+        f"{data}: {len(index)} images, {len(classes)} classes, "
+        f"{dict(index['split'].value_counts())}; {backbone.name} at {backbone.image_size} px; "
+        f"features in {time.perf_counter() - start:.0f} s"
+    )
+    return index, {"classes": classes}, features
+
+
+def flipped(features: dict, rate: float, seed: int) -> tuple[dict, np.ndarray]:
+    """The features with `rate` of the train+val labels flipped to another class at random."""
+    rng = np.random.default_rng(seed)
+    labels = features["label"].copy()
+    n_classes = int(labels.max()) + 1
+    flips = (rng.random(len(labels)) < rate) & (features["split"] != "test")
+    labels[flips] = (labels[flips] + rng.integers(1, n_classes, flips.sum())) % n_classes
+    return {**features, "label": labels, "task_labels": labels[:, None]}, flips
+
+
+def precision_recall(flagged: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    hits = int((flagged & truth).sum())
+    return hits / max(int(flagged.sum()), 1), hits / max(int(truth.sum()), 1)
+
+
+def detection_row(features: dict, class_names: dict, head: dict, rate: float, args) -> str:
+    """One table row: confident learning and the baseline on `rate` flipped labels."""
+    noisy, flips = flipped(features, rate, args.seed)
+    issues, _, _ = find_label_issues_in_features(noisy, class_names, head, args.seed)
+    row_of = {location: row for row, location in enumerate(noisy["location"])}
+    truth = flips[issues["path"].map(row_of).to_numpy()]
+    precision, recall = precision_recall(issues["is_label_issue"].to_numpy(), truth)
+    top = np.zeros(len(issues), dtype=bool)
+    top[: int(truth.sum())] = True  # issues come most suspect first
+    top_precision, _ = precision_recall(top, truth)
+    disagrees = (issues["suggested_label"] != issues["given_label"]).to_numpy()
+    base_precision, base_recall = precision_recall(disagrees, truth)
+    return (
+        f"| {Path(args.data).name} {rate:.0%} | {int(truth.sum())} "
+        f"| {int(issues['is_label_issue'].sum())} | {precision:.3f} | {recall:.3f} "
+        f"| {top_precision:.3f} | {int(disagrees.sum())} | {base_precision:.3f} "
+        f"| {base_recall:.3f} |"
+    )
+
+
+def timed_pipeline(features: dict, index: pd.DataFrame, class_names: dict, head: dict, args):
+    """The data_quality pipeline's nodes on the clean labels, features cached."""
+    start = time.perf_counter()
+    issues, test_issues, noise = find_label_issues_in_features(
+        features, class_names, head, args.seed
+    )
+    outliers = find_outliers(features, class_names)
+    duplicates = find_train_val_duplicates(index, {"source": "imagefolder", "path": args.data})
+    report_data_quality(issues, test_issues, noise, outliers, duplicates)
+    print(
+        f"\ndata_quality on clean labels, features cached: {time.perf_counter() - start:.1f} s "
+        f"({len(issues)} train+val, {len(test_issues)} test images; flagged "
+        f"{int(issues['is_label_issue'].sum())}, test {int(test_issues['is_label_issue'].sum())}, "
+        f"outliers {int(outliers['is_outlier'].sum())}, duplicate pairs {len(duplicates)})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--per-class", type=int, default=None, help="train+val images a class")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {usable_cores()} cores")
+    index, class_names, features = prepared(args.data, args.per_class, args.seed)
+    head = shipped("head")
+    print(
+        "\n| data | flipped | flagged | precision | recall | top-k precision (= recall) "
+        "| baseline flagged | baseline precision | baseline recall |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for rate in args.rates:
+        print(detection_row(features, class_names, head, rate, args), flush=True)
+    timed_pipeline(features, index, class_names, head, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Finding the user's own data mistakes: mislabelled images (confident learning) and outliers.
+
+Confident learning (Northcutt, Jiang and Chuang, "Confident Learning: Estimating Uncertainty in
+Dataset Labels", JAIR 2021), from out-of-sample predicted probabilities `p` (n × classes) and
+the given labels:
+
+1. a threshold per class j: the mean of p_j over the images labelled j (the model's own idea of
+   "confident" for that class, so a hard class is not held to an easy class's standard);
+2. the confident joint C[i, j]: images labelled i whose p_j reaches class j's threshold (with
+   several such j, the most probable), i.e. confidently of class j while labelled i;
+3. calibrated to the label counts and normalised, C estimates the joint distribution Q of given
+   and true labels; 1 − Q[i, i] / Σ_j Q[i, j] is class i's estimated noise rate;
+4. prune by noise rate: for every i ≠ j, the n · Q[i, j] images labelled i with the largest
+   margin p_j − p_i are label issues, except those the model itself predicts as labelled.
+
+Each image's label quality is p of its given label (self-confidence): lower is more suspect.
+
+Outliers: the mean cosine distance of an image's features to its k nearest train+val images
+(itself left out); far above the train+val images' own distances (Tukey's far-out fence,
+Q3 + 3 IQR) means far from every class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+OUTLIER_NEIGHBOURS = 10
+OUTLIER_FENCE = 3.0  # inter-quartile ranges above the upper quartile
+# Rows of query × reference distances per block: bounds the memory whatever the data size.
+_BLOCK_ELEMENTS = 8_000_000
+
+
+@dataclass(frozen=True)
+class LabelIssues:
+    """Confident learning's findings on a set of images (one task)."""
+
+    is_label_issue: np.ndarray  # (n,) bool
+    label_quality: np.ndarray  # (n,) p of the given label: lower is more suspect
+    suggested_label: np.ndarray  # (n,) the most probable class
+    joint: np.ndarray  # (classes × classes) estimated joint of given (rows) and true labels
+    noise_rates: np.ndarray  # (classes,) estimated share of each given class that is wrong
+
+
+def per_class_thresholds(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Mean predicted probability of class j over the images labelled j (inf for a class with
+    no image: nothing is confidently of a class the model never saw labelled)."""
+    n_classes = probabilities.shape[1]
+    counts = np.bincount(labels, minlength=n_classes)
+    sums = np.zeros(n_classes)
+    np.add.at(sums, labels, probabilities[np.arange(len(labels)), labels])
+    return np.divide(sums, counts, out=np.full(n_classes, np.inf), where=counts > 0)
+
+
+def confident_joint(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """C[i, j]: images labelled i that are confidently of class j (see the module)."""
+    n_classes = probabilities.shape[1]
+    # A hair below the threshold still counts: the class's own mean must reach it.
+    above = probabilities >= per_class_thresholds(labels, probabilities) - 1e-6
+    confident = np.where(above, probabilities, -np.inf).argmax(axis=1)
+    counted = above.any(axis=1)
+    joint = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(joint, (labels[counted], confident[counted]), 1)
+    return joint
+
+
+def calibrated_joint(joint: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The confident joint with each row scaled to its class's label count, normalised to sum
+    to 1: the estimated joint distribution of given and true labels."""
+    counts = np.bincount(labels, minlength=len(joint)).astype(np.float64)
+    rows = joint.sum(axis=1, keepdims=True)
+    scaled = np.divide(joint * counts[:, None], rows, out=np.zeros(joint.shape), where=rows > 0)
+    # A class none of whose images reached any threshold keeps its images as labelled.
+    empty = rows[:, 0] == 0
+    scaled[empty, empty.nonzero()[0]] = counts[empty]
+    return scaled / max(scaled.sum(), 1.0)
+
+
+def find_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> LabelIssues:
+    """Confident learning's label issues among images with given `labels` and out-of-sample
+    predicted `probabilities` (n × classes), pruned by noise rate (see the module)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    n, n_classes = probabilities.shape
+    joint = calibrated_joint(confident_joint(labels, probabilities), labels)
+    to_flag = _rounded_keeping_row_sums(joint * n)
+    issues = np.zeros(n, dtype=bool)
+    given = probabilities[np.arange(n), labels]
+    for i in range(n_classes):
+        labelled = np.flatnonzero(labels == i)
+        for j in range(n_classes):
+            if i == j or to_flag[i, j] == 0 or not len(labelled):
+                continue
+            margin = probabilities[labelled, j] - given[labelled]
+            issues[labelled[np.argsort(-margin, kind="stable")[: to_flag[i, j]]]] = True
+    suggested = probabilities.argmax(axis=1)
+    issues &= suggested != labels  # the model itself agreeing with the label is no issue
+    row_mass = joint.sum(axis=1)
+    noise = 1 - np.divide(np.diag(joint), row_mass, out=np.ones(n_classes), where=row_mass > 0)
+    return LabelIssues(issues, given, suggested, joint, noise)
+
+
+def _rounded_keeping_row_sums(counts: np.ndarray) -> np.ndarray:
+    """Whole counts whose rows keep their (rounded) sums: the largest remainders round up."""
+    floors = np.floor(counts).astype(np.int64)
+    short = np.rint(counts.sum(axis=1)).astype(np.int64) - floors.sum(axis=1)
+    order = np.argsort(-(counts - floors), axis=1, kind="stable")
+    for row, missing in enumerate(short):
+        floors[row, order[row, : max(int(missing), 0)]] += 1
+    return floors
+
+
+def _unit(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def knn_distances(
+    queries: np.ndarray,
+    reference: np.ndarray,
+    neighbours: int = OUTLIER_NEIGHBOURS,
+    leave_self_out: bool = False,
+) -> np.ndarray:
+    """Mean cosine distance of each query to its `neighbours` nearest reference rows; with
+    `leave_self_out`, queries are the reference itself and each row skips its own."""
+    queries, reference = _unit(queries), _unit(reference)
+    k = min(neighbours, len(reference) - int(leave_self_out))
+    if k < 1:
+        return np.zeros(len(queries))
+    scores = np.empty(len(queries))
+    block = max(1, _BLOCK_ELEMENTS // max(len(reference), 1))
+    for start in range(0, len(queries), block):
+        distance = 1.0 - queries[start : start + block] @ reference.T
+        if leave_self_out:
+            rows = np.arange(len(distance))
+            distance[rows, rows + start] = np.inf
+        nearest = np.partition(distance, k - 1, axis=1)[:, :k]
+        scores[start : start + block] = nearest.mean(axis=1)
+    return scores
+
+
+def outlier_fence(reference_scores: np.ndarray) -> float:
+    """Tukey's far-out fence of the train+val images' own kNN distances: Q3 + 3 IQR."""
+    q1, q3 = np.percentile(reference_scores, [25, 75])
+    return float(q3 + OUTLIER_FENCE * (q3 - q1))
