@@ -518,6 +518,7 @@ def test_viz_build_shows_every_pipeline_in_layers(default_run):
     pipelines = {p["id"] for p in graph["pipelines"]}
     assert {
         "data_ingestion",
+        "data_quality",
         "backbone_selection",
         "feature_extraction",
         "feature_transfer",
@@ -688,3 +689,33 @@ def assert_one_child_run_per_point(project: Path, parent, curve: pd.DataFrame) -
     for row in curve.itertuples():
         child = logged[(row.strategy, str(row.per_class), str(row.seed))]
         assert child.data.metrics["accuracy"] == pytest.approx(row.accuracy, abs=1e-12)
+
+
+def test_data_quality_run_reports_versioned_tables_and_logs_them(default_run):
+    project = default_run.project
+    reports = project / "data" / "08_reporting"
+    completed = succeeded(kedro(project, "--pipelines=data_quality"))
+    assert "(cached)" in completed.stdout + completed.stderr  # features of the default run
+    saved = {
+        name: (reports / f"{name}.csv").glob(f"*/{name}.csv")
+        for name in ("label_issues", "test_label_issues", "label_noise_rates", "outliers")
+    }
+    saved = {name: list(files) for name, files in saved.items()}
+    assert all(len(files) == 1 for files in saved.values()), saved  # one version each
+    issues = pd.read_csv(saved["label_issues"][0])
+    assert len(issues) == 1797 - 360 and issues["label_quality"].is_monotonic_increasing
+    assert set(issues.columns) >= {"path", "given_label", "suggested_label", "is_label_issue"}
+    # The digits are cleanly labelled: few are flagged.
+    assert issues["is_label_issue"].mean() < 0.03
+    assert "# Data quality" in (reports / "data_quality.md").read_text()
+    assert (reports / "label_issues.png").stat().st_size > 10_000
+    run = latest_run(project)
+    assert run.data.metrics["data_quality.label_issues"] == issues["is_label_issue"].sum()
+    artefacts = {
+        a.path for a in mlflow_client(project).list_artifacts(run.info.run_id, "data_quality")
+    }
+    assert {"data_quality/label_issues.csv", "data_quality/data_quality.md"} <= artefacts
+    # The default run's reports are still there, untouched.
+    assert (reports / "comparison.md").read_text() == (
+        default_run.reports / "comparison.md"
+    ).read_text()

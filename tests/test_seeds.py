@@ -42,11 +42,11 @@ def test_seed_intervals_equal_a_direct_two_level_bootstrap_with_scikit_learns_me
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 4, 150)
     predicted = seeds_of(labels, [0.9, 0.6, 0.75])
-    intervals = bootstrap_intervals(labels, predicted, 4, resamples=300, seed=11)
+    intervals = bootstrap_intervals(labels, predicted, 4, resamples=200, seed=11)
     # The oracle: the same seeded draws of images, then of seeds (with replacement), each
     # resample's metric the mean over its drawn seeds, computed by scikit-learn.
-    positions = np.random.default_rng(11).integers(0, 150, size=(300, 150))
-    drawn = np.random.default_rng([11, 3]).integers(0, 3, size=(300, 3))
+    positions = np.random.default_rng(11).integers(0, 150, size=(200, 150))
+    drawn = np.random.default_rng([11, 3]).integers(0, 3, size=(200, 3))
     everyone = np.arange(4)
     metrics = {
         "accuracy": accuracy_score,

@@ -143,7 +143,10 @@ class TableDataset(_VersionedFile):
     """A pandas table in one versioned, atomically written CSV file.
 
     With `missing_ok`, loading before anything was saved gives None instead of an error: for
-    inputs that are optional, such as the backbone ranking `backbone.name: auto` reads.
+    inputs that are optional, such as the backbone ranking `backbone.name: auto` reads. With
+    `artifact_path`, each saved version is also logged to the active MLflow run there
+    (kedro-mlflow's artefact wrapper would give the file a save version of its own, which the
+    catalog refuses).
     """
 
     def __init__(
@@ -152,9 +155,11 @@ class TableDataset(_VersionedFile):
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
         missing_ok: bool = False,
+        artifact_path: str | None = None,
     ) -> None:
         super().__init__(filepath, version, metadata)
         self.missing_ok = missing_ok
+        self.artifact_path = artifact_path
 
     def load(self) -> pd.DataFrame | None:
         if self.missing_ok and not self.exists():
@@ -162,10 +167,13 @@ class TableDataset(_VersionedFile):
         return pd.read_csv(self._get_load_path())
 
     def save(self, data: pd.DataFrame) -> None:
-        write_atomically(
-            Path(self._get_save_path()),
-            lambda stream: stream.write(data.to_csv(index=False).encode()),
-        )
+        path = Path(self._get_save_path())
+        write_atomically(path, lambda stream: stream.write(data.to_csv(index=False).encode()))
+        if self.artifact_path is not None:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.log_artifact(str(path), self.artifact_path)
 
 
 class HeadDataset(_VersionedFile):

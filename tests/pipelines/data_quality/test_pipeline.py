@@ -102,7 +102,7 @@ def test_the_method_agrees_with_cleanlab_on_the_same_probabilities(flip_share):
         compute_confident_joint(labels, probabilities, calibrate=False),
     )
     ours = find_label_issues(labels, probabilities).is_label_issue
-    theirs = cleanlab_label_issues(labels, probabilities)
+    theirs = cleanlab_label_issues(labels, probabilities, filter_by="both")
     assert abs(int(ours.sum()) - int(theirs.sum())) <= 0.05 * theirs.sum() + 2
     assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.85
 
@@ -114,7 +114,8 @@ def test_images_unlike_every_class_are_outliers():
     features["features"][: 5 * 3 : 3] = strangers  # five train images
     outliers = find_outliers(features, CLASSES)
     assert set(outliers.head(5)["path"]) == {f"sklearn-digits:{i}" for i in range(0, 15, 3)}
-    assert outliers["is_outlier"].sum() <= 5 + 0.01 * len(outliers)
+    assert outliers.head(5)["is_outlier"].all()
+    assert outliers["is_outlier"].sum() <= 5 + 0.05 * len(outliers)  # the oddest digits too
     assert outliers["outlier_score"].is_monotonic_decreasing
     assert set(outliers["split"]) == {"train", "val", "test"}
 
