@@ -90,8 +90,12 @@ def kedro_task_graph(pipeline_name: str) -> set[tuple[str, str]]:
     with KedroSession.create(project_path=PROJECT_ROOT, env="airflow") as session:
         catalog = session.load_context().catalog
     groups = group_memory_nodes(catalog, pipelines[pipeline_name])
-    edges = {("start_mlflow_run", slugify(group.name)) for group in groups}
-    edges |= {(slugify(dep), slugify(group.name)) for group in groups for dep in group.dependencies}
+
+    def task_id(name: str) -> str:  # as deploy/airflow_dag_template.j2 names the group's task
+        return slugify(name, max_length=200)
+
+    edges = {("start_mlflow_run", task_id(group.name)) for group in groups}
+    edges |= {(task_id(dep), task_id(group.name)) for group in groups for dep in group.dependencies}
     return edges
 
 
@@ -120,7 +124,7 @@ print(json.dumps({
     # The resolved backbone is persisted: extraction and each training are tasks of their own.
     assert [
         "extract-image-features",
-        "feature-transfer-split-features-feature-transfer-fit-head",
+        "feature-transfer-split-features-feature-transfer-fit-head-feature-transfer-fit-other-seeds",
     ] in (found["dags"]["transfer-learning-feature-transfer"])
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.datasets import load_sample_images, make_classification
 
-from transfer_learning.kedro_io.datasets import HeadDataset, ImageModelDataset
+from transfer_learning.kedro_io.datasets import HeadDataset, ImageModelDataset, OtherSeedsDataset
 from transfer_learning.models.backbones import BackboneSettings, build_backbone
 from transfer_learning.models.heads import HeadSettings, select_and_fit
 from transfer_learning.serving.classifier import ImageClassifier
@@ -310,3 +310,42 @@ def test_a_calibrated_combination_round_trips_and_predicts_the_weighted_tempered
     (files / "image_model" / "artifacts" / "member1_network.pt").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(DatasetError, match="member1_network.pt is not a plain weights file"):
         dataset.load()
+
+
+def test_the_other_seeds_models_round_trip_under_one_version(head_model, photos, tmp_path):
+    """`evaluation.seeds`: the other seeds' models, saved as image models are, listed last."""
+    second = head_model.calibrated({"class": 2.0})
+    held_out = {"label": np.array([0, 1]), "probabilities": np.array([[0.8, 0.2], [0.3, 0.7]])}
+    others = [
+        {
+            "seed": 43,
+            "image_model": head_model,
+            "held_out_predictions": held_out,
+            "fit_seconds": 1.5,
+        },
+        {"seed": 44, "image_model": second, "held_out_predictions": held_out, "fit_seconds": 2.5},
+    ]
+    dataset = OtherSeedsDataset(
+        str(tmp_path / "other_seeds.json"), str(tmp_path / "other_seeds"), Version(None, "v1")
+    )
+    dataset.save(others)
+    assert not list((tmp_path / "other_seeds").rglob("*.pkl"))
+    loaded = OtherSeedsDataset(
+        str(tmp_path / "other_seeds.json"), str(tmp_path / "other_seeds"), LATEST
+    ).load()
+    assert [(o["seed"], o["fit_seconds"]) for o in loaded] == [(43, 1.5), (44, 2.5)]
+    np.testing.assert_array_equal(loaded[1]["held_out_predictions"]["label"], [0, 1])
+    for original, back in zip(others, loaded, strict=True):
+        model = local_image_classifier(back["image_model"])
+        assert model.temperatures == original["image_model"].temperatures
+        np.testing.assert_allclose(
+            model.predict_files(photos).filter(like="probability_"),
+            original["image_model"].predict_files(photos).filter(like="probability_"),
+            atol=1e-6,
+        )
+    # One seed: an empty list, and no model.
+    OtherSeedsDataset(str(tmp_path / "one.json"), str(tmp_path / "one"), Version(None, "v1")).save(
+        []
+    )
+    assert not (tmp_path / "one").exists()
+    assert OtherSeedsDataset(str(tmp_path / "one.json"), str(tmp_path / "one"), LATEST).load() == []

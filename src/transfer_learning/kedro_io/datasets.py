@@ -302,6 +302,58 @@ class ImageModelsDataset(_VersionedFile):
         )
 
 
+class OtherSeedsDataset(_VersionedFile):
+    """A strategy's models trained with its other seeds (`evaluation.seeds`): a list of `seed`,
+    `image_model`, `held_out_predictions` and `fit_seconds`, versioned as one.
+
+    `filepath` is the versioned JSON list of seeds and fit times; each model is saved as an
+    `image_model` is (`<folder>/seed_<s>/image_model/<version>/`, no pickle) and its held-out
+    predictions as a .npz beside it, under the same version. Persisted, not kept in memory, so
+    that training and evaluation can be separate tasks (an Airflow DAG) and a re-evaluation
+    scores them again. With one seed the list is empty: a small JSON file, no model.
+    """
+
+    def __init__(
+        self,
+        filepath: str,
+        folder: str,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(filepath, version, metadata)
+        self.folder = folder
+
+    def _parts(self, seed: int, version: Version) -> tuple[ImageModelDataset, ArraysDataset]:
+        base = Path(self.folder) / f"seed_{seed}"
+        return (
+            ImageModelDataset(str(base / "image_model"), None, version),
+            ArraysDataset(str(base / "held_out_predictions.npz"), version),
+        )
+
+    def load(self) -> list[dict[str, Any]]:
+        manifest = json.loads(Path(self._get_load_path()).read_text())
+        others = []
+        for entry in manifest["seeds"]:
+            model, held_out = self._parts(entry["seed"], Version(manifest["version"], None))
+            others.append(
+                {**entry, "image_model": model.load(), "held_out_predictions": held_out.load()}
+            )
+        return others
+
+    def save(self, data: list[dict[str, Any]]) -> None:
+        version = self.resolve_save_version()
+        for other in data:
+            model, held_out = self._parts(other["seed"], Version(None, version))
+            model.save(other["image_model"])
+            held_out.save(other.get("held_out_predictions", {}))
+        # Written last: a run that fails half-way leaves no list naming missing models.
+        seeds = [{"seed": int(o["seed"]), "fit_seconds": float(o["fit_seconds"])} for o in data]
+        manifest = json.dumps({"version": version, "seeds": seeds}, indent=2)
+        write_atomically(
+            Path(self._get_save_path()), lambda stream: stream.write(manifest.encode())
+        )
+
+
 class RegisteredImageModelsDataset(AbstractDataset):
     """Logs each image model of a dict name → model to the active MLflow run and registers it
     as `<prefix><name>` (write only), as a strategy's `registered_image_model` is."""

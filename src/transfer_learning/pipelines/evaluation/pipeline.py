@@ -67,16 +67,5 @@ def evaluation_for(strategy: str, register: bool = True) -> Pipeline:
 
 
 def create_pipeline(strategies: Sequence[str] = (), **kwargs) -> Pipeline:
-    """Re-evaluate the stored image models of `strategies` (no new MLflow registrations).
-
-    The models of a strategy's other seeds live only during its run: their stored test
-    predictions are read instead of being scored again.
-    """
-    pipelines = [evaluation_for(name, register=False) for name in strategies]
-    return sum(
-        (
-            pipeline - pipeline.only_nodes(f"{name}.score_other_seeds")
-            for name, pipeline in zip(strategies, pipelines, strict=True)
-        ),
-        Pipeline([]),
-    )
+    """Re-evaluate the stored image models of `strategies` (no new MLflow registrations)."""
+    return sum((evaluation_for(name, register=False) for name in strategies), Pipeline([]))
