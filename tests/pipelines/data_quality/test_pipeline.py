@@ -184,3 +184,22 @@ def test_with_several_label_columns_each_task_is_checked_on_its_own_labelled_row
     assert set(issues.loc[issues["task"] == "parity", "given_label"]) == {"even", "odd"}
     assert set(test_issues["task"]) == {"digit", "parity"}
     assert list(noise["class_name"][-2:]) == ["parity: even", "parity: odd"]
+
+
+def test_a_class_with_one_image_leaves_nothing_to_estimate_and_the_report_still_says_so():
+    features, _ = digits_features()
+    nines = np.flatnonzero((features["label"] == 9) & (features["split"] != "test"))
+    keep = np.ones(len(features["label"]), dtype=bool)
+    keep[nines[1:]] = False  # one train/val nine left: no out-of-fold probabilities
+    features = {k: v[keep] if np.ndim(v) else v for k, v in features.items()}
+    issues, test_issues, noise = find_label_issues_in_features(features, CLASSES, HEAD, 0)
+    assert issues.empty and test_issues.empty and noise.empty
+    markdown, _, metrics = report_data_quality(
+        issues,
+        test_issues,
+        noise,
+        find_outliers(features, CLASSES),
+        pd.DataFrame({"same_class": []}),
+    )
+    assert "**0 of 0 train+val labels look wrong**" in markdown
+    assert metrics["label_issues"]["value"] == 0

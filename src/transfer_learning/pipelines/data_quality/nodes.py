@@ -14,6 +14,7 @@ from transfer_learning.core.tasks import MISSING, Tasks
 from transfer_learning.data.duplicates import find_duplicates_within
 from transfer_learning.data.images import load_rgb
 from transfer_learning.data.label_issues import (
+    LabelIssues,
     find_label_issues,
     knn_distances,
     outlier_fence,
@@ -31,7 +32,15 @@ from transfer_learning.reporting.evaluation import align_probabilities
 logger = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
-ISSUE_COLUMNS = ["path", "given_label", "suggested_label", "label_quality", "is_label_issue"]
+ISSUE_COLUMNS = [
+    "path",
+    "split",
+    "given_label",
+    "suggested_label",
+    "label_quality",
+    "is_label_issue",
+]
+NOISE_COLUMNS = ["class_name", "images", "flagged", "noise_rate"]
 THUMBNAIL = 128
 
 
@@ -87,14 +96,18 @@ def find_label_issues_in_features(
             int(found.is_label_issue.sum()),
             len(seen),
         )
-    return _joined(seen_tables), _joined(test_tables), _joined(noise_tables)
+    return (
+        _joined(seen_tables, ISSUE_COLUMNS),
+        _joined(test_tables, ISSUE_COLUMNS),
+        _joined(noise_tables, NOISE_COLUMNS),
+    )
 
 
 def _table(
     image_features: Arrays,
     rows: np.ndarray,
     labels: np.ndarray,
-    found: Any,
+    found: LabelIssues,
     names: list[str],
     task: str,
     multi: bool,
@@ -115,9 +128,10 @@ def _table(
     return table.sort_values("label_quality", kind="stable", ignore_index=True)
 
 
-def _joined(tables: list[pd.DataFrame]) -> pd.DataFrame:
+def _joined(tables: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """The tables one under the other; with none (nothing could be estimated), an empty one."""
     if not tables:
-        return pd.DataFrame(columns=["split", *ISSUE_COLUMNS])
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in columns})
     return pd.concat(tables, ignore_index=True)
 
 
