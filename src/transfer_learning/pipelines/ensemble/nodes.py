@@ -12,7 +12,7 @@ import numpy as np
 from transfer_learning.core.tasks import MISSING, Tasks
 from transfer_learning.models.calibration import apply_temperature
 from transfer_learning.models.combination import choose_weights, mixture
-from transfer_learning.pipelines.templates.calibration.nodes import calibrate_image_model
+from transfer_learning.pipelines.templates.calibration.nodes import calibrated_other_seed
 from transfer_learning.serving.classifier import CombinedClassifier
 from transfer_learning.serving.packaging import local_image_classifier
 
@@ -93,14 +93,10 @@ def combine_other_seeds(
             members=members,
             strategy=strategy,
         )
-        calibrated, _ = calibrate_image_model(combined, held_out, class_names)
         others.append(
-            {
-                "seed": trained[0]["seed"],
-                "image_model": calibrated,
-                "held_out_predictions": held_out,
-                "fit_seconds": summary["fit_seconds"],
-            }
+            calibrated_other_seed(
+                trained[0]["seed"], combined, held_out, class_names, summary["fit_seconds"]
+            )
         )
     return others
 

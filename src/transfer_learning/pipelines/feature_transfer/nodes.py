@@ -11,7 +11,7 @@ from sklearn.pipeline import Pipeline
 from transfer_learning.core.tasks import MISSING, Tasks
 from transfer_learning.models.backbones import BackboneSettings
 from transfer_learning.models.heads import FittedHead, HeadSettings, TaskHeads, select_and_fit
-from transfer_learning.pipelines.templates.calibration.nodes import calibrate_image_model
+from transfer_learning.pipelines.templates.calibration.nodes import calibrated_other_seed
 from transfer_learning.reporting.evaluation import align_probabilities
 from transfer_learning.reporting.statistics import EvaluationSettings
 from transfer_learning.serving.classifier import ImageClassifier
@@ -200,13 +200,7 @@ def fit_other_seeds(  # noqa: PLR0913 (fit_head's inputs, the backbone and the e
             train_features, val_features, class_names, head, other
         )
         packaged = package_head_model(model, class_names, backbone, "feature_transfer")
-        calibrated, _ = calibrate_image_model(packaged, held_out, class_names)
         others.append(
-            {
-                "seed": other,
-                "image_model": calibrated,
-                "held_out_predictions": held_out,
-                "fit_seconds": summary["fit_seconds"],
-            }
+            calibrated_other_seed(other, packaged, held_out, class_names, summary["fit_seconds"])
         )
     return others

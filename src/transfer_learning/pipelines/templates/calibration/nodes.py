@@ -62,6 +62,24 @@ def calibrate_image_model(
     return model.calibrated({task: f["temperature"] for task, f in fitted.items()}), summary
 
 
+def calibrated_other_seed(
+    seed: int,
+    uncalibrated_model: Any,
+    held_out_predictions: dict[str, np.ndarray],
+    class_names: dict,
+    fit_seconds: float,
+) -> dict[str, Any]:
+    """One entry of `<strategy>.other_seeds` (`evaluation.seeds`): the model trained with `seed`,
+    calibrated as the deployed one is, with what it was calibrated on and its training time."""
+    calibrated, _ = calibrate_image_model(uncalibrated_model, held_out_predictions, class_names)
+    return {
+        "seed": seed,
+        "image_model": calibrated,
+        "held_out_predictions": held_out_predictions,
+        "fit_seconds": fit_seconds,
+    }
+
+
 def _log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float | None:
     return mean_log_loss(probabilities, labels) if len(labels) else None
 

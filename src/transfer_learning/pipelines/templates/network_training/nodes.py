@@ -11,7 +11,7 @@ from transfer_learning.core.distributed import DistributedSettings
 from transfer_learning.core.runtime import resolve_device
 from transfer_learning.core.tasks import Tasks
 from transfer_learning.kedro_io.tracking import MlflowMetrics
-from transfer_learning.pipelines.templates.calibration.nodes import calibrate_image_model
+from transfer_learning.pipelines.templates.calibration.nodes import calibrated_other_seed
 from transfer_learning.reporting.statistics import EvaluationSettings
 from transfer_learning.serving.classifier import ImageClassifier
 from transfer_learning.serving.packaging import network_image_model
@@ -163,13 +163,7 @@ def train_other_seeds(  # noqa: PLR0913 (train_model's inputs and the evaluation
         )
         model = package_network_model(checkpoint, class_names, strategy)
         held_out = score_val_split(model, val_index)
-        calibrated, _ = calibrate_image_model(model, held_out, class_names)
         others.append(
-            {
-                "seed": other,
-                "image_model": calibrated,
-                "held_out_predictions": held_out,
-                "fit_seconds": summary["fit_seconds"],
-            }
+            calibrated_other_seed(other, model, held_out, class_names, summary["fit_seconds"])
         )
     return others
