@@ -123,6 +123,7 @@ def test_ingestion_reports_duplicates_and_drops_them_when_asked(tmp_path):
             {
                 "params:data": MemoryDataset({**data, "on_duplicate": policy}),
                 "params:seed": MemoryDataset(0),
+                "stored_label_issues": MemoryDataset(None),
             }
         )
         outputs = SequentialRunner().run(create_pipeline(), catalog)

@@ -59,6 +59,7 @@ def test_predefined_splits_are_kept(make_image_folder):
         ({"source": "kaggle"}, "data.source='kaggle' is not a known source"),
         ({"val_fraction": 1.5}, "data.val_fraction=1.5 must be a number between 0 and 1"),
         ({"on_corrupt": "ignore"}, "data.on_corrupt='ignore' must be 'error' or 'skip'"),
+        ({"on_label_issue": "fix"}, "data.on_label_issue='fix' must be one of keep, drop"),
         ({"sorce": "digits"}, "Unknown parameter(s) data.sorce"),
         ({"source": "torchvision"}, "data.source=torchvision needs data.name"),
     ],

@@ -105,8 +105,9 @@ def test_default_run_is_one_mlflow_run_with_params_metrics_and_artefacts(default
     client = mlflow_client(default_run.project)
     run = client.get_run(default_run.run_ids[0])
     assert run.data.params["data.source"] == "digits"
-    assert run.data.params["backbone.name"] == "efficientnet_lite0"
+    assert run.data.params["backbone.name"] == "auto"
     assert run.data.params["backbone.resolved.name"] == "efficientnet_lite0"
+    assert "below 64 px: not ranked" in run.data.params["backbone.resolved.reason"]
     assert run.data.params["seed"] == "42"
     assert run.data.metrics["data.n_test"] == 360
     assert run.data.metrics["feature_transfer.accuracy"] > 0.8
@@ -719,3 +720,15 @@ def test_data_quality_run_reports_versioned_tables_and_logs_them(default_run):
     assert (reports / "comparison.md").read_text() == (
         default_run.reports / "comparison.md"
     ).read_text()
+
+    # data.on_label_issue=drop: the flagged train/val images leave training, test stays as it
+    # was, and data_quality's next run still judges every image.
+    succeeded(kedro(project, "--pipelines=data_quality", "--params=data.on_label_issue=drop"))
+    indexes = sorted((project / "data" / "02_intermediate").glob("image_index.parquet/*/*"))
+    kept, dropped = (pd.read_parquet(path) for path in indexes[-2:])
+    flagged = set(issues.loc[issues["is_label_issue"], "path"])
+    assert set(dropped.loc[dropped["split"] == "dropped", "location"]) == flagged
+    assert dropped[dropped["split"] == "test"].equals(kept[kept["split"] == "test"])
+    assert latest_run(project).data.metrics["data.n_dropped_label_issues"] == len(flagged)
+    again = pd.read_csv(sorted(reports.glob("label_issues.csv/*/label_issues.csv"))[-1])
+    assert len(again) == len(issues) and (again["split"] == "dropped").sum() == len(flagged)

@@ -59,6 +59,7 @@ def test_a_toy_strategy_runs_through_evaluation_and_comparison():
         {
             "params:data": MemoryDataset({"source": "digits"}),
             "params:seed": MemoryDataset(0),
+            "stored_label_issues": MemoryDataset(None),
             # Two seeds: the new strategy's other seed goes through evaluation and comparison.
             "params:evaluation": MemoryDataset({"seeds": 2}),
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 32}),

@@ -32,10 +32,23 @@ as far as a person looking at them can tell, a sign, a bus, a cat, a cake rather
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
+from transfer_learning.core.tasks import MISSING, SINGLE_TASK, Tasks
+
+logger = logging.getLogger(__name__)
+
+# data.on_label_issue: what training does with the images the latest data_quality run flagged.
+ON_LABEL_ISSUE = ("keep", "drop")
+# The split of train/val images left out by data.on_label_issue=drop. They stay in the index, so
+# data_quality's next run still judges every image (a dropped image whose label was right comes
+# back once it is no longer flagged), while every strategy, which trains on "train" and selects
+# on "val", no longer sees them.
+DROPPED = "dropped"
 OUTLIER_NEIGHBOURS = 10
 OUTLIER_FENCE = 1.5  # inter-quartile ranges above the upper quartile (Tukey's fence)
 # Rows of query × reference distances per block: bounds the memory whatever the data size.
@@ -158,3 +171,69 @@ def outlier_fence(reference_scores: np.ndarray) -> float:
     """Tukey's fence of the train+val images' own kNN distances: Q3 + 1.5 IQR."""
     q1, q3 = np.percentile(reference_scores, [25, 75])
     return float(q3 + OUTLIER_FENCE * (q3 - q1))
+
+
+class LabelIssuePolicyError(ValueError):
+    """data.on_label_issue=drop cannot be applied to these images."""
+
+
+def drop_label_issues(
+    index: pd.DataFrame, tasks: Tasks, label_issues: pd.DataFrame | None, on_label_issue: str
+) -> pd.DataFrame:
+    """`data.on_label_issue`: keep (the index unchanged) or drop: the train/val images that the
+    latest data_quality run flagged move to the split `DROPPED`. An image is dropped only while it
+    still has the label that was flagged (moved to another class folder, or relabelled in the
+    manifest, it trains again); with several label columns, when any of its labels is flagged.
+    Test images are never touched."""
+    if on_label_issue == "keep":
+        return index
+    if label_issues is None:
+        raise LabelIssuePolicyError(
+            "data.on_label_issue=drop leaves out the images that data_quality flagged, but no "
+            "data/08_reporting/label_issues.csv has been saved yet: run `kedro run "
+            "--pipelines=data_quality` first (or set data.on_label_issue=keep)."
+        )
+    flagged = label_issues[label_issues["is_label_issue"].astype(bool)]
+    task_of_issue = flagged["task"] if "task" in flagged else pd.Series(SINGLE_TASK, flagged.index)
+    suspects = set(zip(flagged["path"], task_of_issue, flagged["given_label"], strict=True))
+    labels = tasks.label_matrix(index)
+    dropped = np.zeros(len(index), dtype=bool)
+    for column, (task, names) in enumerate(tasks.classes.items()):
+        given = np.asarray(names, dtype=object)[np.maximum(labels[:, column], 0)]
+        dropped |= [
+            label != MISSING and (location, task, name) in suspects
+            for location, label, name in zip(
+                index["location"], labels[:, column], given, strict=True
+            )
+        ]
+    dropped &= index["split"].isin(["train", "val"]).to_numpy()
+    _require_training_images(index, dropped, tasks)
+    if dropped.any():
+        listing = "\n".join(f"  {location}" for location in index.loc[dropped, "location"][:20])
+        more = f"\n  … and {dropped.sum() - 20} more" if dropped.sum() > 20 else ""
+        logger.warning(
+            "data.on_label_issue=drop: %d train/val images flagged as label issues by the latest "
+            "data_quality run are left out of training (split %r in the image index; "
+            "data.on_label_issue=keep brings them back):\n%s%s",
+            dropped.sum(),
+            DROPPED,
+            listing,
+            more,
+        )
+    index = index.copy()
+    index.loc[dropped, "split"] = DROPPED
+    return index
+
+
+def _require_training_images(index: pd.DataFrame, dropped: np.ndarray, tasks: Tasks) -> None:
+    train = (index["split"] == "train").to_numpy()
+    labels = tasks.label_matrix(index)[:, 0]
+    for label, name in enumerate(tasks.primary):
+        had = train & (labels == label)
+        if had.any() and not (had & ~dropped).any():
+            raise LabelIssuePolicyError(
+                f"data.on_label_issue=drop would leave class {name!r} without training images: "
+                "every one of them is flagged in data/08_reporting/label_issues.csv. Check that "
+                "class's labels (the montage data/08_reporting/label_issues.png), or set "
+                "data.on_label_issue=keep."
+            )

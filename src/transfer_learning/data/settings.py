@@ -9,6 +9,7 @@ from typing import Any
 
 from transfer_learning.core.config import check_known_keys
 from transfer_learning.data.duplicates import ON_DUPLICATE
+from transfer_learning.data.label_issues import ON_LABEL_ISSUE
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class DataSettings:
     cache_dir: str | None = None
     # Test images duplicating train/val ones: warn | drop_from_test | error.
     on_duplicate: str = "warn"
+    # Train/val images the latest data_quality run flagged as label issues: keep | drop.
+    on_label_issue: str = "keep"
     download_dir: str = "data/01_raw/torchvision"
     target_path: str | None = None  # domain_adaptation: images of the domain to adapt to
     target_test_fraction: float = 0.5  # of labelled target images, held out for evaluation
@@ -107,4 +110,9 @@ class DataSettings:
         if self.on_duplicate not in ON_DUPLICATE:
             raise DataSourceError(
                 f"data.on_duplicate={self.on_duplicate!r} must be one of {', '.join(ON_DUPLICATE)}."
+            )
+        if self.on_label_issue not in ON_LABEL_ISSUE:
+            raise DataSourceError(
+                f"data.on_label_issue={self.on_label_issue!r} must be one of "
+                f"{', '.join(ON_LABEL_ISSUE)}."
             )

@@ -32,7 +32,6 @@ from transfer_learning.features import transferability
 from transfer_learning.features.extraction import ExtractionSettings, extract_features
 from transfer_learning.models.backbones import (
     AUTO,
-    AUTO_MIN_IMAGE_SIZE,
     BackboneError,
     BackboneSettings,
     build_backbone,
@@ -44,8 +43,11 @@ logger = logging.getLogger(__name__)
 
 # The networks whose ImageNet weights ship with the project (work offline).
 OFFLINE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-# Default candidates: each offline network at its `auto` size and at this fraction of it.
-SMALLER_RESOLUTION = 0.75
+# Default candidates: each offline network at its `auto` size only. Lower resolutions are cheaper
+# but were never the better choice on test (docs/benchmarks.md), and with few images the
+# one-standard-error rule, whose standard error is then wide, nearly always took the cheapest
+# one: on 25 flowers a class Lite1 at 176 px cost feature_transfer 5.5 points against Lite0 at
+# 224 px. Among native sizes the cheapest is Lite0 at 224 px, the fixed default before `auto`.
 # backbone.name=auto ranks candidates for images whose typical shorter side is at least this.
 RANKED_FROM_SIDE = 64
 # Scores that need the network's own ImageNet classifier.
@@ -144,11 +146,9 @@ def resolve_candidates(
             Candidate(c.name, _size(c.name, c.image_size, typical_short_side)) for c in listed
         ]
     else:
-        chosen = []
-        for name in OFFLINE_BACKBONES:
-            size = _size(name, AUTO, typical_short_side)
-            smaller = max(AUTO_MIN_IMAGE_SIZE, 16 * round(size * SMALLER_RESOLUTION / 16))
-            chosen += [Candidate(name, s) for s in dict.fromkeys((size, smaller))]
+        chosen = [
+            Candidate(name, _size(name, AUTO, typical_short_side)) for name in OFFLINE_BACKBONES
+        ]
     chosen = list(dict.fromkeys(chosen))
     if settings.controls:
         first_size = {}

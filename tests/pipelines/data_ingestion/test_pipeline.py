@@ -13,6 +13,7 @@ def test_ingestion_pipeline_on_an_image_folder(make_image_folder):
                 {"source": "imagefolder", "path": str(root), "on_corrupt": "skip"}
             ),
             "params:seed": MemoryDataset(0),
+            "stored_label_issues": MemoryDataset(None),  # no data_quality run saved yet
         }
     )
     outputs = SequentialRunner().run(create_pipeline(), catalog)

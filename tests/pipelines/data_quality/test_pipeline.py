@@ -14,8 +14,14 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from transfer_learning.data.label_issues import confident_joint, find_label_issues
+from transfer_learning.data.label_issues import (
+    DROPPED,
+    LabelIssuePolicyError,
+    confident_joint,
+    find_label_issues,
+)
 from transfer_learning.pipeline_registry import register_pipelines
+from transfer_learning.pipelines.data_ingestion.nodes import index_images
 from transfer_learning.pipelines.data_quality.nodes import (
     find_label_issues_in_features,
     find_outliers,
@@ -203,3 +209,59 @@ def test_a_class_with_one_image_leaves_nothing_to_estimate_and_the_report_still_
     )
     assert "**0 of 0 train+val labels look wrong**" in markdown
     assert metrics["label_issues"]["value"] == 0
+
+
+def saved_label_issues(index: pd.DataFrame, rows: list[int]) -> pd.DataFrame:
+    """A label_issues.csv as data_quality saves it: `rows` of the index flagged, with their own
+    class names, then the last row, not flagged."""
+    table = index.loc[[*rows, index.index[-1]]]
+    return pd.DataFrame(
+        {
+            "path": table["location"].to_numpy(),
+            "split": table["split"].to_numpy(),
+            "given_label": table["class_name"].to_numpy(),
+            "suggested_label": "0",
+            "label_quality": 0.01,
+            "is_label_issue": [True] * len(rows) + [False],
+        }
+    )
+
+
+def test_drop_leaves_flagged_training_images_out_and_test_rows_untouched():
+    data = {"source": "digits", "cache_dir": None}
+    kept, *_, kept_metrics = index_images(data, 0)
+    train, val, test = (kept.index[kept["split"] == name] for name in ("train", "val", "test"))
+    relabelled = train[3]  # flagged, but its label has been changed since: trains again
+    stored = saved_label_issues(kept, [*train[:3], val[0], test[0], relabelled])
+    stored.loc[5, "given_label"] = "not its class now"
+    unchanged, *_ = index_images(data, 0, stored)
+    assert unchanged.equals(kept)  # data.on_label_issue=keep, the default
+
+    dropped, _, _, _, profile, metrics = index_images({**data, "on_label_issue": "drop"}, 0, stored)
+    moved = dropped.index[dropped["split"] == DROPPED]
+    assert sorted(moved) == sorted([*train[:3], val[0]])
+    assert dropped.drop(moved).equals(kept.drop(moved))  # every other row as it was
+    assert dropped.loc[test].equals(kept.loc[test])  # a flagged test image stays in test
+    assert metrics["n_dropped_label_issues"]["value"] == 4
+    assert metrics["n_train"]["value"] == kept_metrics["n_train"]["value"] - 3
+    assert profile["n_train"] == len(train) - 3
+
+
+def test_drop_needs_a_saved_data_quality_run_and_never_empties_a_class():
+    data = {"source": "digits", "cache_dir": None, "on_label_issue": "drop"}
+    with pytest.raises(LabelIssuePolicyError, match="run `kedro run --pipelines=data_quality`"):
+        index_images(data, 0, None)
+    kept, *_ = index_images({**data, "on_label_issue": "keep"}, 0)
+    sevens = kept.index[(kept["label"] == 7) & kept["split"].isin(["train", "val"])]
+    with pytest.raises(LabelIssuePolicyError, match="leave class '7' without training images"):
+        index_images(data, 0, saved_label_issues(kept, list(sevens)))
+
+
+def test_dropped_images_are_still_judged_by_the_next_data_quality_run(noisy):
+    features, flipped, *_ = noisy
+    features = {**features, "split": features["split"].astype(object)}
+    features["split"][np.flatnonzero(flipped)[:10]] = DROPPED
+    issues, *_ = find_label_issues_in_features(features, CLASSES, HEAD, 0)
+    assert len(issues) == (features["split"] != "test").sum()
+    again = issues[issues["split"] == DROPPED]
+    assert len(again) == 10 and again["is_label_issue"].mean() > 0.7

@@ -9,6 +9,7 @@ import pandas as pd
 
 from transfer_learning.data.duplicates import apply_duplicate_policy, find_duplicates
 from transfer_learning.data.index import build_task_index, profile_images
+from transfer_learning.data.label_issues import DROPPED, drop_label_issues
 from transfer_learning.data.settings import DataSettings
 from transfer_learning.kedro_io.tracking import MlflowMetrics, mlflow_metrics
 
@@ -16,12 +17,14 @@ logger = logging.getLogger(__name__)
 
 
 def index_images(
-    data: dict[str, Any], seed: int
+    data: dict[str, Any], seed: int, stored_label_issues: pd.DataFrame | None = None
 ) -> tuple[
     pd.DataFrame, dict[str, list[str]], pd.DataFrame, pd.DataFrame, dict[str, Any], MlflowMetrics
 ]:
-    """Index the images of `data.source`, split them into train/val/test and check the test
-    split for duplicates of train/val images (`data.on_duplicate`).
+    """Index the images of `data.source`, split them into train/val/test, check the test
+    split for duplicates of train/val images (`data.on_duplicate`) and, with
+    `data.on_label_issue=drop`, move the train/val images that the latest data_quality run
+    flagged (`stored_label_issues`) to the split `dropped`.
 
     Returns the image index, the class names by label id (and, with several label columns,
     every task's: `tasks.Tasks`), the files left out as unreadable,
@@ -32,6 +35,7 @@ def index_images(
     index, tasks, skipped = build_task_index(settings, seed)
     duplicates = find_duplicates(index, settings.cache_dir)
     index = apply_duplicate_policy(index, duplicates, settings.on_duplicate)
+    index = drop_label_issues(index, tasks, stored_label_issues, settings.on_label_issue)
     profile = profile_images(index, settings, seed)
     logger.info("Data profile (what auto settings follow): %s", profile)
     sizes = index["split"].value_counts()
@@ -50,5 +54,7 @@ def index_images(
         counts["n_tasks"] = float(len(tasks.names))
     counts["n_skipped"] = float(len(skipped))
     counts["n_test_duplicates"] = float(len(duplicates))
+    if settings.on_label_issue == "drop":
+        counts["n_dropped_label_issues"] = float(sizes.get(DROPPED, 0))
     counts["typical_short_side"] = float(profile["typical_short_side"])
     return index, tasks.to_class_names(), skipped, duplicates, profile, mlflow_metrics(counts)

@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=index_images,
-                inputs=["params:data", "params:seed"],
+                inputs=["params:data", "params:seed", "stored_label_issues"],
                 outputs=[
                     "image_index",
                     "class_names",

@@ -14,6 +14,7 @@ from transfer_learning.core.tasks import MISSING, Tasks
 from transfer_learning.data.duplicates import find_duplicates_within
 from transfer_learning.data.images import load_rgb
 from transfer_learning.data.label_issues import (
+    DROPPED,
     LabelIssues,
     find_label_issues,
     knn_distances,
@@ -59,7 +60,9 @@ def find_label_issues_in_features(
     for column, (task, names) in enumerate(tasks.classes.items()):
         labels = task_labels[:, column]
         labelled = labels != MISSING
-        train, val = (np.flatnonzero((split == name) & labelled) for name in ("train", "val"))
+        # Images data.on_label_issue=drop left out are judged again, as the train images they were.
+        train = np.flatnonzero(np.isin(split, ["train", DROPPED]) & labelled)
+        val = np.flatnonzero((split == "val") & labelled)
         test = np.flatnonzero((split == "test") & labelled)
         features = image_features["features"]
         fitted = select_and_fit(
