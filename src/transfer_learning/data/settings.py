@@ -105,14 +105,14 @@ class DataSettings:
                 f"data.imbalance_ratio={ratio!r} must be null or a number ≥ 1 (e.g. 100: the "
                 "largest class keeps 100x the images of the smallest)."
             )
+        self._check_policies()
+
+    def _check_policies(self) -> None:
+        """What to do with unreadable files, leaked test images and flagged labels."""
         if self.on_corrupt not in ("error", "skip"):
             raise DataSourceError(f"data.on_corrupt={self.on_corrupt!r} must be 'error' or 'skip'.")
-        if self.on_duplicate not in ON_DUPLICATE:
-            raise DataSourceError(
-                f"data.on_duplicate={self.on_duplicate!r} must be one of {', '.join(ON_DUPLICATE)}."
-            )
-        if self.on_label_issue not in ON_LABEL_ISSUE:
-            raise DataSourceError(
-                f"data.on_label_issue={self.on_label_issue!r} must be one of "
-                f"{', '.join(ON_LABEL_ISSUE)}."
-            )
+        for key, choices in (("on_duplicate", ON_DUPLICATE), ("on_label_issue", ON_LABEL_ISSUE)):
+            if getattr(self, key) not in choices:
+                raise DataSourceError(
+                    f"data.{key}={getattr(self, key)!r} must be one of {', '.join(choices)}."
+                )
