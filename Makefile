@@ -31,9 +31,11 @@ test: install airflow-env
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+# Style, then the licences: no GPL/AGPL-only runtime dependency (the project is Apache-2.0).
 lint: install
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/python scripts/check_licences.py
 
 clean:
 	rm -rf $(VENV) $(AIRFLOW_VENV) airflow_dags airflow_home dist

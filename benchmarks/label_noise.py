@@ -17,7 +17,12 @@ by side in the same run:
   probabilities (cleanlab's `predicted_neq_given`).
 
 First the whole data_quality pipeline (label issues, outliers, train/val duplicates, the report
-and its montage) is timed on the labels as given, after the features are cached.
+and its montage) is timed on the labels as given, after the features are cached. Then, at
+--act-rate of flipped labels, what acting on them is worth: feature_transfer's and
+parameter_transfer's test accuracy (clean test labels; the learning curve's nodes with every
+training image, the shipped `head` and `finetune` settings) trained on the clean labels, on the
+flipped ones (`data.on_label_issue=keep`) and with the flagged images left out by the project's
+own `data.on_label_issue=drop`.
 """
 
 from __future__ import annotations
@@ -26,16 +31,16 @@ import argparse
 import platform
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from transfer_learning.core.runtime import usable_cores
+from transfer_learning.core.tasks import Tasks
 from transfer_learning.data.index import build_image_index, profile_images
+from transfer_learning.data.label_issues import drop_label_issues
 from transfer_learning.data.settings import DataSettings
-from transfer_learning.models.backbones import BackboneSettings, resolve_image_size
 from transfer_learning.pipelines.data_quality.nodes import (
     find_label_issues_in_features,
     find_outliers,
@@ -43,9 +48,15 @@ from transfer_learning.pipelines.data_quality.nodes import (
     report_data_quality,
 )
 from transfer_learning.pipelines.feature_extraction.nodes import extract_image_features
+from transfer_learning.pipelines.learning_curve.nodes import (
+    draw_curve_subsets,
+    finetuning_curve,
+    head_curve,
+)
+from transfer_learning.reporting.curves import ALL
 
 sys.path.insert(0, str(Path(__file__).parent))
-from limited_data import shipped  # noqa: E402
+from limited_data import resolved_backbone, shipped  # noqa: E402
 
 
 def prepared(data: str, per_class: int | None, seed: int):
@@ -60,19 +71,17 @@ def prepared(data: str, per_class: int | None, seed: int):
             shuffled.groupby(["split", "label"]).head(per_class).sort_index().reset_index(drop=True)
         )
     profile = profile_images(index, settings, seed)
-    backbone = resolve_image_size(
-        BackboneSettings(**shipped("backbone")), profile["typical_short_side"]
-    )
+    backbone = resolved_backbone(index, profile, seed)
     start = time.perf_counter()
     features, _ = extract_image_features(
-        index, asdict(backbone), {**shipped("extraction"), "progress": False}, "auto", {}
+        index, backbone, {**shipped("extraction"), "progress": False}, "auto", {}
     )
     print(
         f"{data}: {len(index)} images, {len(classes)} classes, "
-        f"{dict(index['split'].value_counts())}; {backbone.name} at {backbone.image_size} px; "
+        f"{dict(index['split'].value_counts())}; {backbone['name']} at {backbone['image_size']} px; "
         f"features in {time.perf_counter() - start:.0f} s"
     )
-    return index, {"classes": classes}, features
+    return index, {"classes": classes}, profile, backbone, features
 
 
 def flipped(features: dict, rate: float, seed: int) -> tuple[dict, np.ndarray]:
@@ -142,15 +151,80 @@ def timed_pipeline(
     return set(issues.loc[issues["is_label_issue"], "path"])
 
 
+def test_accuracy(index: pd.DataFrame, features: dict, strategy: str, context: dict) -> float:
+    """`strategy` trained on the index's train split (val for its choices), on test."""
+    features = {
+        **features,
+        "label": index["label"].to_numpy(np.int64),
+        "split": index["split"].to_numpy(object),
+    }
+    full = {"per_class": [ALL], "repeats": 1, "strategies": [strategy]}
+    subsets = draw_curve_subsets(index, context["class_names"], full, context["seed"])
+    if strategy == "feature_transfer":
+        frame = head_curve(
+            features, subsets, context["class_names"], shipped("head"), full, strategy
+        )
+    else:
+        frame = finetuning_curve(
+            subsets,
+            index,
+            context["class_names"],
+            context["backbone"],
+            shipped("finetune"),
+            None,
+            context["profile"],
+            {**shipped("training"), "progress": False},
+            full,
+            context["seed"],
+            "auto",
+            strategy,
+        )
+    return float(frame["accuracy"].iloc[0])
+
+
+def acting_rows(index, features, class_names, context, args) -> list[str]:
+    """keep vs drop at `args.act_rate` flipped labels, against the clean labels."""
+    noisy_features, flips = flipped(features, args.act_rate, args.seed)
+    names = np.asarray(class_names["classes"], dtype=object)
+    noisy = index.assign(label=noisy_features["label"], class_name=names[noisy_features["label"]])
+    issues, _, _ = find_label_issues_in_features(
+        noisy_features, class_names, shipped("head"), args.seed
+    )
+    dropped = drop_label_issues(noisy, Tasks.from_class_names(class_names), issues, "drop")
+    left_out = (dropped["split"] != noisy["split"]).to_numpy()
+    print(
+        f"\n{args.act_rate:.0%} flipped ({flips.sum()} images): drop leaves out {left_out.sum()} "
+        f"({(left_out & flips).sum()} of them flipped)"
+    )
+    rows = []
+    for strategy in args.strategies:
+        start = time.perf_counter()
+        clean, keep, drop = (
+            test_accuracy(variant, features, strategy, context)
+            for variant in (index, noisy, dropped)
+        )
+        recovered = (drop - keep) / (clean - keep) if clean != keep else float("nan")
+        rows.append(
+            f"| {Path(args.data).name} {args.act_rate:.0%} | {strategy} | {clean:.1%} | "
+            f"{keep:.1%} | {drop:.1%} | {recovered:.0%} | {time.perf_counter() - start:.0f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--per-class", type=int, default=None, help="train+val images a class")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--act-rate", type=float, default=0.2, help="flipped share for keep/drop")
+    parser.add_argument(
+        "--strategies", nargs="*", default=["feature_transfer", "parameter_transfer"]
+    )
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {usable_cores()} cores")
-    index, class_names, features = prepared(args.data, args.per_class, args.seed)
+    index, class_names, profile, backbone, features = prepared(args.data, args.per_class, args.seed)
     head = shipped("head")
     suspects = timed_pipeline(features, index, class_names, head, args)
     print(
@@ -161,6 +235,20 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rate in args.rates:
         print(detection_row(features, class_names, head, rate, suspects, args), flush=True)
+    if args.strategies:
+        context = {
+            "class_names": class_names,
+            "backbone": backbone,
+            "profile": profile,
+            "seed": args.seed,
+        }
+        rows = acting_rows(index, features, class_names, context, args)
+        print(
+            "\n| data, flipped | strategy | clean labels | keep | drop | share of the loss "
+            "drop recovers | seconds |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

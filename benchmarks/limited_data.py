@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,10 @@ import yaml
 from transfer_learning.core.runtime import usable_cores
 from transfer_learning.data.index import build_image_index, profile_images
 from transfer_learning.data.settings import DataSettings
-from transfer_learning.models.backbones import BackboneSettings, resolve_image_size
-from transfer_learning.pipelines.feature_extraction.nodes import extract_image_features
+from transfer_learning.pipelines.feature_extraction.nodes import (
+    extract_image_features,
+    resolve_backbone,
+)
 from transfer_learning.pipelines.learning_curve.nodes import (
     draw_curve_subsets,
     finetuning_curve,
@@ -54,18 +55,24 @@ def shipped(name: str) -> dict:
     raise KeyError(name)
 
 
+def resolved_backbone(
+    index: pd.DataFrame, profile: dict, seed: int, overrides: dict | None = None
+) -> dict:
+    """The shipped `backbone` block (with `overrides` over it), every `auto` resolved by the
+    pipelines' own node; `name: auto` ranks photos' candidates on the spot (features cached)."""
+    block = {**shipped("backbone"), **(overrides or {})}
+    selection, extraction = shipped("selection"), shipped("extraction")
+    backbone, _ = resolve_backbone(block, profile, index, None, selection, extraction, seed, "auto")
+    return backbone
+
+
 def prepare(data: str, seed: int, imbalance_ratio: float | None = None, backbone=None):
     """Index, profile, resolved backbone and features of the folder, as the pipelines make them
     (`backbone`: keys over the shipped block, for features and fine-tuning alike)."""
     settings = DataSettings(source="imagefolder", path=data, imbalance_ratio=imbalance_ratio)
     index, classes, _ = build_image_index(settings, seed)
     profile = profile_images(index, settings, seed)
-    backbone = asdict(
-        resolve_image_size(
-            BackboneSettings(**{**shipped("backbone"), **(backbone or {})}),
-            profile["typical_short_side"],
-        )
-    )
+    backbone = resolved_backbone(index, profile, seed, backbone)
     extraction = {**shipped("extraction"), "progress": False}
     start = time.perf_counter()
     # Every image of the folder in sorted order (one cache entry per folder and size, shared by
