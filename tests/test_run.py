@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
+import transfer_learning
 from tests.conftest import PROJECT_ROOT
 from tests.kedro_project import (
     copy_project,
@@ -246,6 +247,27 @@ def test_seed_environment_runs_offline_from_local_images_and_weights(
     assert "| parameter_transfer |" in comparison and "| structure_transfer |" in comparison
 
 
+def test_the_default_run_says_in_mlflow_what_it_ran_on(default_run):
+    """What the MLflow UI shows of it: a training experiment, a run named after its data, and
+    the images of each split as an MLflow dataset (issue 31)."""
+    client = mlflow_client(default_run.project)
+    run = client.get_run(default_run.run_ids[0])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name == "__default__ · digits"
+    assert run.data.tags["data.name"] == "digits" and run.data.tags["kedro.env"] == "local"
+    assert run.data.tags["transfer_learning.version"] == transfer_learning.__version__
+    inputs = {
+        entry.tags[0].value: entry.dataset for entry in run.inputs.dataset_inputs
+    }  # context → dataset
+    assert set(inputs) == {"train", "val", "test"}
+    assert {d.name for d in inputs.values()} == {"digits"}
+    assert all("sklearn.datasets.load_digits" in d.source for d in inputs.values())
+    assert len({d.digest for d in inputs.values()}) == 3
+    assert json.loads(inputs["test"].profile)["num_rows"] == 360
+    assert len(run.data.tags["data.fingerprint"]) == 16
+
+
 def test_predict_labels_a_folder_and_lists_unreadable_files(default_run, tmp_path):
     images = digit_images(tmp_path / "new")
     (tmp_path / "new" / "broken.jpg").write_bytes(b"not a jpeg")
@@ -261,6 +283,11 @@ def test_predict_labels_a_folder_and_lists_unreadable_files(default_run, tmp_pat
         keep_default_na=False,
     )
     assert len(predictions) == len(images) + 1
+    run = latest_run(default_run.project)  # named after, and logging, the folder it labelled
+    assert run.info.run_name == "predict · new"
+    [entry] = run.inputs.dataset_inputs
+    assert entry.dataset.name == "new" and entry.tags[0].value == "predict"
+    assert json.loads(entry.dataset.profile)["num_rows"] == len(images) + 1
     broken = predictions[predictions["path"].str.endswith("broken.jpg")].iloc[0]
     assert broken["error"] == "unreadable_file" and broken["predicted_class"] == ""
     assert broken["error_message"] == "The file could not be read as an image."

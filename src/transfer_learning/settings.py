@@ -2,7 +2,11 @@
 
 from omegaconf.resolvers import oc
 
+from transfer_learning.kedro_io.run_metadata import RunMetadataHooks
 from transfer_learning.serving.requirements import head_requirements
+
+# Every MLflow run's experiment kind, name, tags and the images it used (MLflow datasets).
+HOOKS = (RunMetadataHooks(),)
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

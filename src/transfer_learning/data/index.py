@@ -6,6 +6,7 @@ the images came from scikit-learn's digits, a folder on disk or a torchvision do
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -273,3 +274,12 @@ def _draw(
             f"Change {parameter} or add images."
         ) from error
     frame.loc[drawn, "split"] = split
+
+
+def data_fingerprint(rows: pd.DataFrame) -> str:
+    """16 hex digits of which images, with which labels, in which splits: the same fingerprint,
+    the same data (a saved backbone ranking is reused on it; MLflow runs record it)."""
+    digest = hashlib.sha256()
+    for location, label, split in rows[["location", "label", "split"]].itertuples(index=False):
+        digest.update(f"{location}\0{label}\0{split}\n".encode())
+    return digest.hexdigest()[:16]

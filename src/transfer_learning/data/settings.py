@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transfer_learning.core.config import check_known_keys
@@ -73,6 +74,24 @@ class DataSettings:
         settings = cls(**params)
         settings.validate()
         return settings
+
+    def data_name(self) -> str:
+        """What people call this data: the folder's or the manifest's name, or the dataset's."""
+        if self.source == "imagefolder":
+            return Path(self.path).resolve().name
+        if self.source == "manifest":
+            return Path(self.manifest).stem
+        return self.name if self.source == "torchvision" else self.source
+
+    def origin(self) -> str:
+        """Where the images come from: the folder or manifest (absolute path), or the source."""
+        if self.source == "imagefolder":
+            return str(Path(self.path).resolve())
+        if self.source == "manifest":
+            return str(Path(self.manifest).resolve())
+        if self.source == "torchvision":
+            return f"torchvision.datasets.{self.name}"
+        return "sklearn.datasets.load_digits"
 
     def validate(self) -> None:
         if self.source not in SOURCES:

@@ -11,7 +11,6 @@ one of them above a pretrained network is flagged. The test split never reaches 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import tempfile
@@ -28,6 +27,7 @@ from scipy.stats import kendalltau, weightedtau
 
 from transfer_learning.core.config import check_known_keys
 from transfer_learning.core.tasks import MISSING
+from transfer_learning.data.index import data_fingerprint
 from transfer_learning.features import transferability
 from transfer_learning.features.extraction import ExtractionSettings, extract_features
 from transfer_learning.models.backbones import (
@@ -46,8 +46,8 @@ OFFLINE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_l
 # Default candidates: each offline network at its `auto` size only. Lower resolutions are cheaper
 # but were never the better choice on test (docs/benchmarks.md), and with few images the
 # one-standard-error rule, whose standard error is then wide, nearly always took the cheapest
-# one: on 25 flowers a class Lite1 at 176 px cost feature_transfer 5.5 points against Lite0 at
-# 224 px. Among native sizes the cheapest is Lite0 at 224 px, the fixed default before `auto`.
+# one: on 25 flowers a class Lite1 at 176 px cost the frozen-feature head 5.5 points against
+# Lite0 at 224 px. Among native sizes the cheapest is Lite0 at 224 px, the default before `auto`.
 # backbone.name=auto ranks candidates for images whose typical shorter side is at least this.
 RANKED_FROM_SIDE = 64
 # Scores that need the network's own ImageNet classifier.
@@ -180,13 +180,6 @@ def selection_images(
         rows = rows.groupby("label", group_keys=False).sample(frac=share, random_state=seed)
     rows = rows.sort_values("location").reset_index(drop=True)
     return rows, data_fingerprint(rows)
-
-
-def data_fingerprint(rows: pd.DataFrame) -> str:
-    digest = hashlib.sha256()
-    for location, label, split in rows[["location", "label", "split"]].itertuples(index=False):
-        digest.update(f"{location}\0{label}\0{split}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def rank_backbones(
