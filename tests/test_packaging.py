@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import builtins
 import json
 import os
@@ -9,16 +10,25 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import pytest
 import skops.io
 import torch
 from kedro.io import DatasetError, Version
+from mlflow.models import get_model_info
 from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.datasets import load_sample_images, make_classification
 
-from transfer_learning.kedro_io.datasets import HeadDataset, ImageModelDataset, OtherSeedsDataset
+from transfer_learning.kedro_io.datasets import (
+    ChampionModelDataset,
+    HeadDataset,
+    ImageModelDataset,
+    OtherSeedsDataset,
+    RegisteredImageModelDataset,
+)
 from transfer_learning.models.backbones import BackboneSettings, build_backbone
+from transfer_learning.models.classifier import build_classifier
 from transfer_learning.models.heads import HeadSettings, select_and_fit
 from transfer_learning.serving.classifier import ImageClassifier
 from transfer_learning.serving.packaging import ModelFileError, head_bytes, local_image_classifier
@@ -270,7 +280,6 @@ def test_a_calibrated_combination_round_trips_and_predicts_the_weighted_tempered
     is saved loads as the same model, and predicts the mixture computed here by hand."""
     from scipy.special import softmax
 
-    from transfer_learning.models.classifier import build_classifier
     from transfer_learning.serving.classifier import CombinedClassifier
 
     network, _ = build_classifier(BackboneSettings(image_size=48, pretrained=False), 2, seed=1)
@@ -349,3 +358,65 @@ def test_the_other_seeds_models_round_trip_under_one_version(head_model, photos,
     )
     assert not (tmp_path / "one").exists()
     assert OtherSeedsDataset(str(tmp_path / "one.json"), str(tmp_path / "one"), LATEST).load() == []
+
+
+@pytest.mark.slow  # ~25 s: two models logged and validated by MLflow, one loaded from the registry
+def test_registered_versions_carry_a_signature_and_the_champion_alias_serves(
+    head_model, photos, tmp_path
+):
+    """Two strategies registered in one run, then the comparison's choice: every version has a
+    signature, an input example, tags and its test figures; `models:/transfer_learning@champion`
+    loads as the chosen strategy's model and predicts on a base64 photo."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    network, _ = build_classifier(BackboneSettings(image_size=32, pretrained=False), 2, seed=1)
+    other = ImageClassifier(
+        "parameter_transfer", CLASSES, "efficientnet_lite0", 32, network.state_dict()
+    )
+    figures = {"accuracy": 0.9, "accuracy_interval": [0.8, 0.95], "n_test": 40, "ece": 0.02}
+    try:
+        with mlflow.start_run():
+            mlflow.set_tag("data.name", "photos")
+            for model in (head_model, other):
+                RegisteredImageModelDataset(
+                    f"{model.strategy}_image_model", f"transfer_learning_{model.strategy}"
+                ).save(model)
+            ChampionModelDataset("transfer_learning", "transfer_learning_{strategy}").save(
+                {
+                    "strategy": "feature_transfer",
+                    "reason": "cheapest, not significantly less accurate",
+                    "strategies": {"feature_transfer": figures, "parameter_transfer": figures},
+                }
+            )
+        client = mlflow.MlflowClient()
+        version = client.get_model_version("transfer_learning_parameter_transfer", "1")
+        assert version.tags == {
+            "strategy": "parameter_transfer",
+            "backbone": "efficientnet_lite0",
+            "image_size": "32",
+        }
+        assert version.description == (
+            "parameter_transfer on photos: test accuracy 90.0 % [80.0, 95.0] on 40 images, "
+            "ECE 0.020."
+        )
+        champion = client.get_model_version_by_alias("transfer_learning", "champion")
+        assert champion.tags["strategy"] == "feature_transfer"
+        info = get_model_info("models:/transfer_learning@champion")
+        assert info.signature.inputs.input_names() == ["image", "path"]
+        assert info.signature.outputs.input_names() == [
+            "predicted_class",
+            *(f"probability_{name}" for name in CLASSES),
+            "error",
+            "error_message",
+        ]
+        assert info.saved_input_example_info is not None
+        served = mlflow.pyfunc.load_model("models:/transfer_learning@champion")
+        image = base64.b64encode(Path(photos[1]).read_bytes()).decode()
+        predicted = served.predict(pd.DataFrame({"image": [image]}))
+        expected = head_model.predict_files([photos[1]])
+        np.testing.assert_allclose(
+            predicted[[f"probability_{c}" for c in CLASSES]].to_numpy(float),
+            expected[[f"probability_{c}" for c in CLASSES]].to_numpy(float),
+            rtol=1e-5,
+        )
+    finally:
+        mlflow.set_tracking_uri(None)

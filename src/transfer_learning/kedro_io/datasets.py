@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -11,6 +12,8 @@ import pandas as pd
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 
 from transfer_learning.core.files import load_arrays, save_arrays, write_atomically
+
+logger = logging.getLogger(__name__)
 
 
 class _VersionedFile(AbstractVersionedDataset):
@@ -255,6 +258,109 @@ class RegisteredImageModelDataset(AbstractDataset):
 
     def _describe(self) -> dict[str, Any]:
         return {"name": self.name, "registered_model_name": self.registered_model_name}
+
+
+class ChampionModelDataset(AbstractDataset):
+    """Registers the comparison's choice as `registered_model_name` (one registered model for
+    the project) with the alias `champion`, so that `models:/transfer_learning@champion` serves
+    it; every compared strategy's registered version gets its test figures as description
+    (write only).
+
+    Saved: {"strategy": the champion, "strategies": name → that strategy's comparison figures}.
+    Each strategy's version is the one the active run registered (a run that only compares: the
+    latest), under `strategy_model_name` with `{strategy}` filled in.
+    """
+
+    def __init__(
+        self,
+        registered_model_name: str,
+        strategy_model_name: str,
+        alias: str = "champion",
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.registered_model_name = registered_model_name
+        self.strategy_model_name = strategy_model_name
+        self.alias = alias
+        self.metadata = metadata
+
+    def load(self) -> Any:
+        raise DatasetError("The champion is read from the MLflow model registry.")
+
+    def save(self, data: dict[str, Any]) -> None:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        run = mlflow.active_run()
+        if run is None:
+            return  # tracking is off for this run
+        run = mlflow.get_run(run.info.run_id)  # with the tags set since it started
+        client = mlflow.MlflowClient()
+        data_name = run.data.tags.get("data.name", "")
+        versions = {}
+        for strategy, figures in data["strategies"].items():
+            version = self._strategy_version(client, strategy, run.info.run_id)
+            if version is None:
+                continue
+            versions[strategy] = version
+            client.update_model_version(
+                version.name, version.version, version_description(strategy, data_name, figures)
+            )
+        champion = versions.get(data["strategy"])
+        if champion is None:
+            logger.warning(
+                "No registered model of %s to make %s@%s",
+                data["strategy"],
+                self.registered_model_name,
+                self.alias,
+            )
+            return
+        try:
+            client.create_registered_model(self.registered_model_name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        registered = client.create_model_version(
+            self.registered_model_name,
+            champion.source,
+            run_id=champion.run_id,
+            tags={**champion.tags, "chosen_because": data.get("reason", "")[:5000]},
+            description=champion.description,
+        )
+        client.set_registered_model_alias(
+            self.registered_model_name, self.alias, registered.version
+        )
+        logger.info(
+            "%s@%s is now version %s (%s)",
+            self.registered_model_name,
+            self.alias,
+            registered.version,
+            data["strategy"],
+        )
+
+    def _strategy_version(self, client: Any, strategy: str, run_id: str) -> Any:
+        name = self.strategy_model_name.format(strategy=strategy)
+        found = client.search_model_versions(f"name = '{name}'")
+        ours = [v for v in found if v.run_id == run_id] or found
+        return max(ours, key=lambda v: int(v.version)) if ours else None
+
+    def _describe(self) -> dict[str, Any]:
+        return {"registered_model_name": self.registered_model_name, "alias": self.alias}
+
+
+def version_description(strategy: str, data_name: str, figures: dict[str, Any]) -> str:
+    """A registered version in one line: which strategy, on what, how accurate on test."""
+    on = f" on {data_name}" if data_name else ""
+    parts = [f"test accuracy {figures['accuracy'] * 100:.1f} %"]
+    if "accuracy_interval" in figures:
+        low, high = figures["accuracy_interval"]
+        parts[0] += f" [{low * 100:.1f}, {high * 100:.1f}]"
+    if "n_test" in figures:
+        parts[0] += f" on {figures['n_test']} images"
+    if "balanced_accuracy" in figures:
+        parts.append(f"balanced accuracy {figures['balanced_accuracy'] * 100:.1f} %")
+    if "ece" in figures:
+        parts.append(f"ECE {figures['ece']:.3f}")
+    return f"{strategy}{on}: {', '.join(parts)}."
 
 
 class ImageModelsDataset(_VersionedFile):

@@ -19,6 +19,8 @@ A file that fails these checks is refused with a `ModelFileError` naming it.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -26,8 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 import torch
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types.schema import ColSpec, Schema
+from PIL import Image
 
 from transfer_learning.models.backbones import BackboneSettings, build_backbone
 from transfer_learning.models.heads import TRUSTED_HEAD_TYPES
@@ -218,16 +224,58 @@ def log_image_model(
     registered_model_name: str | None = None,
     code_paths: Sequence[str] | None = None,
 ) -> None:
-    """Logs the model to the active MLflow run (and registers it), packaged as `save_image_model`."""
+    """Logs the model to the active MLflow run (and registers it, the version tagged with
+    `model_tags`), packaged as `save_image_model`, with its signature and an input example."""
+    signature, example = serving_signature(model)
     with tempfile.TemporaryDirectory() as scratch:
-        mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(ENTRY),
             artifacts=write_model_files(model, Path(scratch)),
             code_paths=list(code_paths) if code_paths else None,
             registered_model_name=registered_model_name,
             pip_requirements=image_model_requirements(),
+            signature=signature,
+            input_example=example,
         )
+    if registered_model_name is not None and info.registered_model_version is not None:
+        client = mlflow.MlflowClient()
+        for key, value in model_tags(model).items():
+            client.set_model_version_tag(
+                registered_model_name, str(info.registered_model_version), key, value
+            )
+
+
+def serving_signature(model: ImageModel) -> tuple[ModelSignature, pd.DataFrame]:
+    """What the served model takes and gives, for MLflow's serving and validation tools: rows
+    of base64 `image` bytes (or a server-side `path`, where the deployer allows it), and per
+    task the predicted class and one probability column per class, then `error` and
+    `error_message`; the example is one small image, its output the model's own."""
+    example = pd.DataFrame({"image": [example_image_base64()]})
+    inputs = Schema(
+        [ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]
+    )
+    outputs = infer_signature(example, model.predict(example)).outputs
+    return ModelSignature(inputs=inputs, outputs=outputs), example
+
+
+def example_image_base64(size: int = 32) -> str:
+    """A small colour-gradient PNG, base64-encoded: an input example that any model decodes."""
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1, None]), -1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def model_tags(model: ImageModel) -> dict[str, str]:
+    """A registered version's strategy, network(s) and image size, as searchable tags."""
+    members = model.members if isinstance(model, CombinedClassifier) else [model]
+    return {
+        "strategy": model.strategy,
+        "backbone": "+".join(dict.fromkeys(member.backbone_name for member in members)),
+        "image_size": str(model.image_size),
+    }
 
 
 def load_image_model(path: Path) -> Any:

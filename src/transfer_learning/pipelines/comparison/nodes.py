@@ -48,3 +48,14 @@ def compare_strategies(
         comparison_record(reports, statistics),
         tags,
     )
+
+
+def choose_champion(comparison_record: dict[str, Any]) -> dict[str, Any]:
+    """The recommended strategy, to become the registered model's `champion`, and every
+    strategy's test figures, for its registered version's description."""
+    recommendation = comparison_record["recommendation"]
+    return {
+        "strategy": recommendation["strategy"],
+        "reason": recommendation["reason"],
+        "strategies": comparison_record["strategies"],
+    }

@@ -8,7 +8,7 @@ from transfer_learning.pipelines import bind
 from transfer_learning.reporting.comparison import Control
 from transfer_learning.strategies import Strategy
 
-from .nodes import compare_strategies
+from .nodes import choose_champion, compare_strategies
 
 
 def create_pipeline(strategies: Sequence[Strategy] = (), **kwargs) -> Pipeline:
@@ -37,6 +37,12 @@ def create_pipeline(strategies: Sequence[Strategy] = (), **kwargs) -> Pipeline:
                     "comparison_tags",
                 ],
                 name="compare_strategies",
-            )
+            ),
+            Node(
+                func=choose_champion,
+                inputs="comparison_record",
+                outputs="champion_model",
+                name="choose_champion",
+            ),
         ]
     )
