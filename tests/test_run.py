@@ -324,13 +324,20 @@ for strategy, predictions in stored.items():
     probabilities = served.filter(like="probability_").to_numpy()
     np.testing.assert_allclose(probabilities, test["probabilities"], rtol=0, atol=1e-6)
     out[strategy] = by_bytes["predicted_class"].tolist()
+    assert mlflow.models.get_model_info(f"models:/transfer_learning_{strategy}/1").signature
+# The comparison's choice, as MLflow users deploy it.
+champion = mlflow.pyfunc.load_model("models:/transfer_learning@champion")
+out["champion"] = champion.predict(pd.DataFrame({"image": images}))["predicted_class"].tolist()
+version = mlflow.MlflowClient().get_model_version_by_alias("transfer_learning", "champion")
+out["champion_strategy"] = version.tags["strategy"]
 print(json.dumps(out))
 """
 
 
 def test_registered_models_predict_in_a_fresh_process_as_they_were_evaluated(default_run, tmp_path):
     """Each registered model labels new digits, and its probabilities on the test images are
-    the ones behind <strategy>_metrics.json: what was evaluated is what is deployed."""
+    the ones behind <strategy>_metrics.json: what was evaluated is what is deployed. So does
+    `transfer_learning@champion`, the recommended strategy's; every version has a signature."""
     images = digit_images(tmp_path)
     stored = {
         strategy: str(default_run.saved(predictions_folder(strategy), "test_predictions.npz"))
@@ -341,6 +348,8 @@ def test_registered_models_predict_in_a_fresh_process_as_they_were_evaluated(def
         REGISTERED_MODELS, tmp_path, str(default_run.project), paths, json.dumps(stored)
     )
     predicted = json.loads(output.strip().splitlines()[-1])
+    recommended = json.loads((default_run.reports / "comparison.json").read_text())
+    assert predicted.pop("champion_strategy") == recommended["recommendation"]["strategy"]
     truth = [label for _, label in images]
     for strategy, labels in predicted.items():
         assert sum(a == b for a, b in zip(labels, truth, strict=True)) >= len(truth) - 1, strategy
