@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -218,3 +219,91 @@ def test_a_dag_run_retries_a_failed_task_alone_and_equals_kedro_run(airflow_dags
     by_kedro = json.loads((reports / "feature_transfer_metrics.json").read_text())
     for metric in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "n_test"):
         assert by_airflow[metric] == pytest.approx(by_kedro[metric], abs=1e-9), metric
+
+
+def api(url: str, token: str | None = None, body: dict | None = None) -> dict:
+    """A JSON request to Airflow's API server; the JSON it answers."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def until(deadline: float, check, what: str):
+    """`check()`'s first truthy answer, tried every 3 s until `deadline` (time.monotonic)."""
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            answer = check()
+            if answer:
+                return answer
+            last = answer
+        except OSError as error:  # the server is not listening yet, or answers an error
+            last = error
+        time.sleep(3)
+    pytest.fail(f"{what} not reached in time; last answer: {last!r}")
+
+
+def test_make_airflow_standalone_comes_up_healthy_and_lists_the_dags(tmp_path):
+    """README's `make airflow-standalone` as a user runs it: every component healthy (its
+    processes are `airflow ...` commands found on PATH), and the API lists the five DAGs."""
+    from tests.test_served_endpoint import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_"))}
+    env.update(AIRFLOW__API__PORT=str(port), KEDRO_DISABLE_TELEMETRY="true")
+    base = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "standalone.log").open("w")
+    process = subprocess.Popen(
+        ["make", "airflow-standalone"], cwd=PROJECT_ROOT, env=env, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        health = until(
+            deadline,
+            lambda: (
+                (h := api(f"{base}/api/v2/monitor/health"))
+                and all(part.get("status") == "healthy" for part in h.values())
+                and h
+            ),
+            "every component healthy",
+        )
+        assert {"metadatabase", "scheduler", "triggerer", "dag_processor"} <= set(health)
+        passwords = PROJECT_ROOT / "airflow_home" / "simple_auth_manager_passwords.json.generated"
+        password = json.loads(passwords.read_text())["admin"]
+        token = api(f"{base}/auth/token", body={"username": "admin", "password": password})
+        expected = {
+            f"transfer-learning-{name.strip('_').replace('_', '-')}" for name in AIRFLOW_PIPELINES
+        }
+        listed = until(
+            deadline,
+            lambda: (
+                expected
+                <= (
+                    ids := {
+                        d["dag_id"]
+                        for d in api(f"{base}/api/v2/dags", token["access_token"])["dags"]
+                    }
+                )
+                and ids
+            ),
+            "the five DAGs listed",
+        )
+        assert expected <= listed
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
