@@ -28,6 +28,10 @@ Outliers: the mean cosine distance of an image's features to its k nearest train
 means far from every class. On the flowers that flags 56 of 2,934 photos, every one of them,
 as far as a person looking at them can tell, a sign, a bus, a cat, a cake rather than a flower
 (the far-out fence, Q3 + 3 IQR, flagged none of them).
+
+Acting on them (`data.on_label_issue=drop`): ingestion moves the train/val images that the
+latest saved label_issues.csv flags to a split of their own, so no strategy trains on them; the
+test split is never changed.
 """
 
 from __future__ import annotations
