@@ -12,7 +12,12 @@ import torch
 from kedro.io import DatasetError, Version
 
 from transfer_learning.core.files import write_atomically
-from transfer_learning.kedro_io.datasets import ArraysDataset, TableDataset, TorchCheckpointDataset
+from transfer_learning.kedro_io.datasets import (
+    ArraysDataset,
+    MarkdownDataset,
+    TableDataset,
+    TorchCheckpointDataset,
+)
 
 
 def test_arrays_round_trip_and_versions_never_overwrite(tmp_path):
@@ -92,3 +97,21 @@ def test_table_dataset_is_versioned_and_optional_before_the_first_save(tmp_path)
     latest = TableDataset(path, Version(None, None), missing_ok=True).load()
     pd.testing.assert_frame_equal(latest, table.assign(run="2026-01-02T00.00.00.000Z"))
     assert len(list((tmp_path / "ranking.csv").iterdir())) == 2  # the first one is kept
+
+
+def test_tables_and_reports_preview_in_kedro_viz(tmp_path):
+    """kedro-viz shows a table's first rows (empty cells as null) and a Markdown report rendered,
+    with any HTML from the user's data (class or folder names) escaped."""
+    table = TableDataset(str(tmp_path / "t.csv"), version=Version(None, "v1"))
+    table.save(pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg"], "score": [0.5, None, 1.0]}))
+    preview = TableDataset(str(tmp_path / "t.csv"), version=Version(None, None)).preview(nrows=2)
+    assert preview == {
+        "index": [0, 1],
+        "columns": ["path", "score"],
+        "data": [["a.jpg", 0.5], ["b.jpg", None]],
+    }
+    report = MarkdownDataset(filepath=str(tmp_path / "r.md"))
+    report.save("# Comparison\n\n| class | n |\n|---|---|\n| <img src=x onerror=alert(1)> | 3 |\n")
+    html = report.preview()
+    assert "<h1>Comparison</h1>" in html and "<table>" in html
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html

@@ -543,7 +543,7 @@ def test_viz_build_shows_every_pipeline_in_layers(default_run):
     project = default_run.project
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
     completed = subprocess.run(
-        [sys.executable, "-m", "kedro", "viz", "build"],
+        [sys.executable, "-m", "kedro", "viz", "build", "--include-previews"],
         cwd=project,
         env=env,
         capture_output=True,
@@ -589,6 +589,18 @@ def test_viz_build_shows_every_pipeline_in_layers(default_run):
     assert layer_of["target_images"] == "model_input"
     assert layer_of["adapted_image_models"] == "models"
     assert layer_of["domain_adaptation_report"] == "reporting"
+    # The comparison previewed in kedro-viz: its report rendered, its record and each strategy's
+    # metrics as JSON.
+    previews = {}
+    for node in (project / "build" / "api" / "nodes").iterdir():
+        details = json.loads(node.read_text())
+        if details.get("filepath"):
+            previews[Path(details["filepath"]).name] = details
+    report = previews["comparison.md"]
+    assert report["preview_type"] == "HTMLPreview" and "<table>" in report["preview"]
+    assert previews["comparison.json"]["preview_type"] == "JSONPreview"
+    assert "recommendation" in json.dumps(previews["comparison.json"]["preview"])
+    assert previews["feature_transfer_metrics.json"]["preview_type"] == "JSONPreview"
 
 
 def test_notebook_runs_top_to_bottom(default_run):

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
+from kedro_datasets._typing import HTMLPreview, TablePreview  # kedro-viz's preview types
+from kedro_datasets.text import TextDataset
 
 from transfer_learning.core.files import load_arrays, save_arrays, write_atomically
 
@@ -142,6 +144,17 @@ class MlflowChildRunsDataset(AbstractDataset):
         return {"params": self.params, "metrics": self.metrics}
 
 
+class MarkdownDataset(TextDataset):
+    """A Markdown report (a text file) that kedro-viz previews rendered, as HTML; raw HTML in
+    the text is escaped, so names from the user's data cannot inject markup."""
+
+    def preview(self) -> HTMLPreview:
+        from markdown_it import MarkdownIt
+
+        renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
+        return HTMLPreview(renderer.render(self.load()))
+
+
 class TableDataset(_VersionedFile):
     """A pandas table in one versioned, atomically written CSV file.
 
@@ -168,6 +181,11 @@ class TableDataset(_VersionedFile):
         if self.missing_ok and not self.exists():
             return None
         return pd.read_csv(self._get_load_path())
+
+    def preview(self, nrows: int = 10) -> TablePreview:
+        """The first rows, as kedro-viz shows a table (empty cells as null, not NaN)."""
+        head = pd.read_csv(self._get_load_path(), nrows=nrows)
+        return TablePreview(head.astype(object).where(head.notna(), None).to_dict(orient="split"))
 
     def save(self, data: pd.DataFrame) -> None:
         path = Path(self._get_save_path())
