@@ -16,7 +16,6 @@ kedro-mlflow starts the run in its own `before_pipeline_run`; these hooks run af
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -30,7 +29,6 @@ from kedro.io import DatasetError
 from transfer_learning.data.index import data_fingerprint
 from transfer_learning.data.settings import DataSettings
 
-logger = logging.getLogger(__name__)
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # The MLflow contexts of an index's splits: `train`, … for the data, `target_train`, … for the
