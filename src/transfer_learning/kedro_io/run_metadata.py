@@ -29,7 +29,6 @@ from kedro.io import DatasetError
 from transfer_learning.data.index import data_fingerprint
 from transfer_learning.data.settings import DataSettings
 
-
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # The MLflow contexts of an index's splits: `train`, … for the data, `target_train`, … for the
 # domain to adapt to (a predict run's images are one context, `predict`).
