@@ -374,7 +374,10 @@ def test_registered_versions_carry_a_signature_and_the_champion_alias_serves(
     )
     figures = {"accuracy": 0.9, "accuracy_interval": [0.8, 0.95], "n_test": 40, "ece": 0.02}
     try:
-        with mlflow.start_run():
+        experiment = mlflow.create_experiment(
+            "packaging", artifact_location=str(tmp_path / "artifacts")
+        )
+        with mlflow.start_run(experiment_id=experiment):
             mlflow.set_tag("data.name", "photos")
             for model in (head_model, other):
                 RegisteredImageModelDataset(

@@ -197,7 +197,8 @@ def drop_label_issues(
             "data/08_reporting/label_issues.csv has been saved yet: run `kedro run "
             "--pipelines=data_quality` first (or set data.on_label_issue=keep)."
         )
-    flagged = label_issues[label_issues["is_label_issue"].astype(bool)]
+    flagged = label_issues[label_issues["is_label_issue"].astype(bool)].astype(str)
+    # As text: read back from CSV, class names such as "7" come as numbers.
     task_of_issue = flagged["task"] if "task" in flagged else pd.Series(SINGLE_TASK, flagged.index)
     suspects = set(zip(flagged["path"], task_of_issue, flagged["given_label"], strict=True))
     labels = tasks.label_matrix(index)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -215,7 +217,7 @@ def saved_label_issues(index: pd.DataFrame, rows: list[int]) -> pd.DataFrame:
     """A label_issues.csv as data_quality saves it: `rows` of the index flagged, with their own
     class names, then the last row, not flagged."""
     table = index.loc[[*rows, index.index[-1]]]
-    return pd.DataFrame(
+    saved = pd.DataFrame(
         {
             "path": table["location"].to_numpy(),
             "split": table["split"].to_numpy(),
@@ -225,6 +227,8 @@ def saved_label_issues(index: pd.DataFrame, rows: list[int]) -> pd.DataFrame:
             "is_label_issue": [True] * len(rows) + [False],
         }
     )
+    # Read back as the catalog reads the CSV: the digits' class names "0"…"9" become numbers.
+    return pd.read_csv(io.StringIO(saved.to_csv(index=False)))
 
 
 def test_drop_leaves_flagged_training_images_out_and_test_rows_untouched():
@@ -233,7 +237,7 @@ def test_drop_leaves_flagged_training_images_out_and_test_rows_untouched():
     train, val, test = (kept.index[kept["split"] == name] for name in ("train", "val", "test"))
     relabelled = train[3]  # flagged, but its label has been changed since: trains again
     stored = saved_label_issues(kept, [*train[:3], val[0], test[0], relabelled])
-    stored.loc[5, "given_label"] = "not its class now"
+    stored.loc[5, "given_label"] = (stored.loc[5, "given_label"] + 1) % 10  # now another class
     unchanged, *_ = index_images(data, 0, stored)
     assert unchanged.equals(kept)  # data.on_label_issue=keep, the default
 
