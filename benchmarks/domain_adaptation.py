@@ -139,7 +139,7 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
     )
     print(f"source: {len(index)} images ({profile}), backbone {backbone}", flush=True)
 
-    features, _ = extract_image_features(
+    features, _, _ = extract_image_features(
         index, backbone, params["extraction"], device, params["distributed"]
     )
     train_features, val_features = split_features(features)

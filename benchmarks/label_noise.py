@@ -73,7 +73,7 @@ def prepared(data: str, per_class: int | None, seed: int):
     profile = profile_images(index, settings, seed)
     backbone = resolved_backbone(index, profile, seed)
     start = time.perf_counter()
-    features, _ = extract_image_features(
+    features, _, _ = extract_image_features(
         index, backbone, {**shipped("extraction"), "progress": False}, "auto", {}
     )
     print(

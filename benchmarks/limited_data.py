@@ -81,7 +81,7 @@ def prepare(data: str, seed: int, imbalance_ratio: float | None = None, backbone
         build_image_index(DataSettings(source="imagefolder", path=data), seed)[0]["location"]
     )
     every = pd.DataFrame({"location": folder, "label": 0, "split": "train"})
-    extracted, _ = extract_image_features(every, backbone, extraction, "auto", {})
+    extracted, _, _ = extract_image_features(every, backbone, extraction, "auto", {})
     row_of = {location: row for row, location in enumerate(folder)}
     features = {
         **extracted,

@@ -1,6 +1,7 @@
 """The served image model under concurrent load and abuse: `mlflow models serve` on localhost.
 
     python benchmarks/serving_load.py --clients 8 --requests 200 --image-size 224
+    (--engines torch onnxruntime: the default; each engine serves the same load in turn)
 
 A packaged ImageClassifier (EfficientNet-Lite0, ImageNet weights, a 5-class head) is saved and
 served by a real `mlflow models serve` (one worker). `--clients` threads each send `--requests`
@@ -11,8 +12,10 @@ row with its error code. Reported: p50/p95/p99 latency per request kind, through
 rows, and the server's resident memory (its whole process group) averaged over the first and the
 last quarter of the run. Baseline in the same run: the same model's `predict` on one photo in
 this process (no HTTP, no JSON).
-The last line reads: single p95: X ms | in-process: Y ms | good rows failed: N of M | memory
-first/last quarter: A / B MiB
+The model is served once per engine (`TRANSFER_LEARNING_ENGINE`: torch, then onnxruntime, the
+packaged `model.onnx`), the same requests each time. Per engine the report ends: single p95: X ms |
+in-process: Y ms | good rows failed: N of M | memory first/last quarter: A / B MiB; the last line
+compares the engines' good images/s.
 """
 
 from __future__ import annotations
@@ -45,7 +48,12 @@ from sklearn.datasets import load_sample_images
 
 from transfer_learning.models.backbones import BackboneSettings
 from transfer_learning.models.classifier import build_classifier
-from transfer_learning.serving.classifier import MAX_PIXELS_VARIABLE, ImageClassifier
+from transfer_learning.models.onnx_network import ONNXRUNTIME, TORCH
+from transfer_learning.serving.classifier import (
+    ENGINE_VARIABLE,
+    MAX_PIXELS_VARIABLE,
+    ImageClassifier,
+)
 from transfer_learning.serving.packaging import save_image_model
 
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -89,10 +97,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, log: Path, engine: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env[MAX_PIXELS_VARIABLE] = str(SERVER_MAX_PIXELS)
+    env[ENGINE_VARIABLE] = engine
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir)]
     process = subprocess.Popen(
@@ -198,8 +207,9 @@ def save_model(folder: Path, image_size: int) -> Path:
     return folder / "model"
 
 
-def in_process_seconds(model_dir: Path, image: str) -> float:
+def in_process_seconds(model_dir: Path, image: str, engine: str) -> float:
     """The baseline: the same model's predict on one photo, in this process."""
+    os.environ[ENGINE_VARIABLE] = engine  # read when the model builds its network
     local = mlflow.pyfunc.load_model(str(model_dir))
     frame = pd.DataFrame([{"image": image}])
     local.predict(frame)
@@ -235,7 +245,8 @@ def run_load(url: str, work: list[list[tuple[str, list, list]]]) -> tuple[list, 
     return results, time.perf_counter() - started
 
 
-def report(results: list, wall: float, memory: list[float], in_process: float) -> None:
+def report(results: list, wall: float, memory: list[float], in_process: float) -> float:
+    """Prints the engine's figures; returns its good images/s."""
     for kind in ("single", "batch32", "hostile"):
         times = [seconds for k, seconds, *_ in results if k == kind]
         print(
@@ -259,6 +270,7 @@ def report(results: list, wall: float, memory: list[float], in_process: float) -
         f"good rows failed: {failed_rows} of {good_rows} | memory first/last quarter: "
         f"{first:.0f} / {last:.0f} MiB (peak {max(memory):.0f})"
     )
+    return images / wall
 
 
 def main() -> None:
@@ -269,24 +281,33 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="per client")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engines", nargs="+", default=[TORCH, ONNXRUNTIME])
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", flush=True)
 
     folder = Path(tempfile.mkdtemp(prefix="serving-load-"))
     model_dir = save_model(folder, args.image_size)
     pool = photos(64, random.Random(args.seed))
-    in_process = in_process_seconds(model_dir, pool[0])
-    process, url = start_server(model_dir, folder / "server.log")
-    sampler = MemorySampler(process.pid)
-    try:
-        sampler.start()
-        results, wall = run_load(url, plan(args.clients, args.requests, pool, args.seed))
-        sampler.stopped.set()
-        sampler.join()
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-    report(results, wall, [rss for _, rss in sampler.samples], in_process)
+    rates = {}
+    for engine in args.engines:
+        print(f"\n{ENGINE_VARIABLE}={engine}", flush=True)
+        in_process = in_process_seconds(model_dir, pool[0], engine)
+        process, url = start_server(model_dir, folder / f"server-{engine}.log", engine)
+        sampler = MemorySampler(process.pid)
+        try:
+            sampler.start()
+            results, wall = run_load(url, plan(args.clients, args.requests, pool, args.seed))
+            sampler.stopped.set()
+            sampler.join()
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+        rates[engine] = report(results, wall, [rss for _, rss in sampler.samples], in_process)
+    if TORCH in rates and ONNXRUNTIME in rates:
+        print(
+            f"good images/s: torch {rates[TORCH]:.1f} | onnxruntime {rates[ONNXRUNTIME]:.1f} | "
+            f"onnxruntime/torch {rates[ONNXRUNTIME] / rates[TORCH]:.2f}x"
+        )
 
 
 def _time(function) -> float:

@@ -278,7 +278,7 @@ def _check_outputs(outputs: dict, strategy: str, index: pd.DataFrame, tmp_path) 
 def test_feature_transfer_fits_one_head_per_task_on_one_set_of_features(digits_manifest, tmp_path):
     manifest, _ = digits_manifest
     index, class_names, *_ = index_images(data_params(manifest), seed=0)
-    arrays, _ = extract_image_features(
+    arrays, _, _ = extract_image_features(
         index,
         {"name": "efficientnet_lite0", "image_size": 32, "pretrained": True},
         {"batch_size": 64, "cache_dir": None},

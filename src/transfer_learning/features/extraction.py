@@ -44,6 +44,15 @@ from transfer_learning.data.images import (
 )
 from transfer_learning.data.loading import EvalCollate, ImageDataset, Normaliser, image_loader
 from transfer_learning.models.backbones import Backbone
+from transfer_learning.models.onnx_network import (
+    ENGINES,
+    ONNXRUNTIME,
+    TORCH,
+    EngineError,
+    Forward,
+    onnx_forward,
+    resolve_engine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +70,7 @@ class ExtractionSettings:
     cache_dir: str | None = "data/04_feature/cache"
     progress: bool = True
     decode: str = "auto"  # auto: JPEGs decoded on the GPU when extracting on CUDA; cpu: never
+    engine: str = "auto"  # auto: ONNX Runtime on a CPU when installed, PyTorch otherwise
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExtractionSettings:
@@ -68,6 +78,10 @@ class ExtractionSettings:
         settings = cls(**params)
         if not isinstance(settings.batch_size, int) or settings.batch_size < 1:
             raise ExtractionError(f"extraction.batch_size={settings.batch_size!r} must be ≥ 1.")
+        if settings.engine not in ENGINES:
+            raise ExtractionError(
+                f"extraction.engine={settings.engine!r} must be one of {', '.join(ENGINES)}."
+            )
         if settings.decode not in ("auto", "cpu"):
             raise ExtractionError(f"extraction.decode={settings.decode!r} must be auto or cpu.")
         if settings.num_workers != "auto" and (
@@ -91,6 +105,7 @@ class ExtractionResult:
     seconds: float
     cached: bool
     cache_key: str | None
+    engine: str = TORCH  # what ran the network (or would have, for cached features)
 
 
 def extract_features(
@@ -105,13 +120,12 @@ def extract_features(
     With `distributed` over several processes, each extracts a contiguous shard straight into
     its rows of one file; the result (and the cache entry) is the same as one process's.
     """
-    gpu_decode = device.type == "cuda" and settings.decode != "cpu"
-    key = feature_cache_key(backbone, locations, device, gpu_decode) if settings.cache_dir else None
-    cache_file = Path(settings.cache_dir) / f"{key}.npy" if key else None
+    engine, cache_file = _engine_and_cache_file(backbone, locations, settings, device)
+    key = cache_file.stem if cache_file else None
     if cache_file is not None and cache_file.exists():
         features = np.load(cache_file, mmap_mode="r", allow_pickle=False)
         logger.info("Features unchanged since an earlier run: reusing %s", cache_file)
-        return ExtractionResult(features, 0.0, True, key)
+        return ExtractionResult(features, 0.0, True, key, engine)
     if distributed.nnodes > 1 and cache_file is None:
         raise ExtractionError(
             "distributed.nnodes > 1 needs extraction.cache_dir on a file system every node "
@@ -128,15 +142,60 @@ def extract_features(
             np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape).flush()
             target = partial
         start = time.perf_counter()
-        launch(distributed, device, _extract_shard, backbone, list(locations), settings, target)
+        launch(
+            distributed,
+            device,
+            _extract_shard,
+            backbone,
+            list(locations),
+            replace(settings, engine=engine),
+            target,
+        )
         seconds = time.perf_counter() - start
         if partial is None:
-            return ExtractionResult(target, seconds, False, key)
+            return ExtractionResult(target, seconds, False, key, engine)
         if cache_file is None:
-            return ExtractionResult(np.load(partial, allow_pickle=False), seconds, False, key)
+            features = np.load(partial, allow_pickle=False)
+            return ExtractionResult(features, seconds, False, key, engine)
         os.replace(partial, cache_file)
     features = np.load(cache_file, mmap_mode="r", allow_pickle=False)
-    return ExtractionResult(features, seconds, False, key)
+    return ExtractionResult(features, seconds, False, key, engine)
+
+
+def _engine_and_cache_file(
+    backbone: Backbone, locations: Sequence[str], settings: ExtractionSettings, device
+) -> tuple[str, Path | None]:
+    """The engine that runs the network and where its features are cached (None: no cache).
+
+    ONNX Runtime's export is made and checked here, before anything is computed: a network the
+    exporter cannot handle falls back to PyTorch, and its features are keyed as PyTorch's.
+    """
+    gpu_decode = device.type == "cuda" and settings.decode != "cpu"
+    pixels = len(locations) * backbone.preprocessing.image_size**2
+    try:
+        engine = resolve_engine(settings.engine, device, pixels)
+    except EngineError as error:
+        raise ExtractionError(str(error)) from error
+
+    def cache_file(engine: str) -> Path | None:
+        if not settings.cache_dir:
+            return None
+        key = feature_cache_key(backbone, locations, device, gpu_decode, engine)
+        return Path(settings.cache_dir) / f"{key}.npy"
+
+    cached = cache_file(engine)
+    if engine == ONNXRUNTIME and not (cached and cached.exists()):
+        if _onnx_forward(backbone, settings, threads=1) is None:
+            return TORCH, cache_file(TORCH)
+    return engine, cached
+
+
+def _onnx_forward(backbone: Backbone, settings: ExtractionSettings, threads: int) -> Forward | None:
+    """The backbone with its normalisation, uint8 images in, as one ONNX Runtime forward pass
+    (exported once, beside the feature cache), or None where it must stay in PyTorch."""
+    network = torch.nn.Sequential(Normaliser(backbone.preprocessing), backbone.features).eval()
+    folder = Path(settings.cache_dir) / "onnx" if settings.cache_dir else None
+    return onnx_forward(network, backbone.preprocessing.image_size, folder, backbone.name, threads)
 
 
 @contextmanager
@@ -194,12 +253,16 @@ def _stream_features(
     normalise = Normaliser(backbone.preprocessing).to(device)
     dataset = ImageDataset(locations, min_size=backbone.preprocessing.image_size)
     collate = EvalCollate(backbone.preprocessing)
+    if settings.engine == ONNXRUNTIME:  # resolved by `extract_features`, export checked there
+        forward = _onnx_forward(backbone, settings, threads=1)
+    else:
+        forward = _torch_forward(network, normalise, device)
     if device.type == "cpu" and settings.num_workers == "auto":
-        batches = _cpu_streams(network, normalise, dataset, collate, settings.batch_size)
+        batches = _cpu_streams(forward, dataset, collate, settings.batch_size)
     elif device.type == "cuda" and settings.decode != "cpu":  # as `extract_features` keys it
         batches = _gpu_decoded_batches(network, normalise, locations, collate, settings, device)
     else:
-        batches = _loader_batches(network, normalise, dataset, collate, settings, device)
+        batches = _loader_batches(forward, dataset, collate, settings, device)
     first = 0
     with tqdm(
         total=len(locations),
@@ -214,7 +277,22 @@ def _stream_features(
             progress.update(len(output))
 
 
-def _loader_batches(network, normalise, dataset, collate, settings, device):
+def _torch_forward(network, normalise, device: torch.device) -> Forward:
+    """uint8 batch → features as numpy, under autocast on a GPU."""
+    dtype = autocast_dtype(device)
+
+    def forward(images: torch.Tensor) -> np.ndarray:
+        # inference_mode is thread-local: entered in the calling stream.
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        ):
+            return network(normalise(images)).float().cpu().numpy()
+
+    return forward
+
+
+def _loader_batches(forward: Forward, dataset, collate, settings, device):
     """GPU (or explicit workers): worker processes decode while the device computes."""
     loader = image_loader(
         dataset,
@@ -223,14 +301,9 @@ def _loader_batches(network, normalise, dataset, collate, settings, device):
         device,
         collate_fn=collate,
     )
-    dtype = autocast_dtype(device)
-    with (
-        cpu_threads(),
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
-    ):
+    with cpu_threads():
         for batch in loader:
-            yield network(normalise(batch)).float().cpu().numpy()
+            yield forward(batch)
 
 
 class EncodedImages(Dataset):
@@ -296,20 +369,19 @@ def _decode_on_gpu(items, encoded: list[int], locations, device) -> list[torch.T
         return decoded
 
 
-def _cpu_streams(network, normalise, dataset, collate, batch_size):
+def _cpu_streams(forward: Forward, dataset, collate, batch_size):
     """CPU: one single-threaded decode → forward stream per core, results in order.
 
     Measured on 2 cores: two independent single-threaded streams run the network ~1.6x faster
     than one stream on two threads (no barrier after every operator), and each stream's
-    decoding overlaps the other's compute. Torch ops release the GIL, so threads suffice.
+    decoding overlaps the other's compute. Torch ops and ONNX Runtime sessions release the
+    GIL, so threads suffice; one ONNX Runtime session serves every stream.
     """
     streams = usable_cores()
 
     def features_of(start: int) -> np.ndarray:
-        with torch.inference_mode():  # thread-local: entered in each stream
-            positions = range(start, min(start + batch_size, len(dataset)))
-            images = collate([dataset[p] for p in positions])
-            return network(normalise(images)).numpy()
+        positions = range(start, min(start + batch_size, len(dataset)))
+        return forward(collate([dataset[p] for p in positions]))
 
     with cpu_threads(1), ThreadPoolExecutor(max_workers=streams) as pool:
         # Submitted a few batches ahead only, so memory stays bounded on huge indexes.
@@ -323,13 +395,19 @@ def _cpu_streams(network, normalise, dataset, collate, batch_size):
 
 
 def feature_cache_key(
-    backbone: Backbone, locations: Sequence[str], device: torch.device, gpu_decode: bool = False
+    backbone: Backbone,
+    locations: Sequence[str],
+    device: torch.device,
+    gpu_decode: bool = False,
+    engine: str = TORCH,
 ) -> str:
     """A digest of everything the features depend on: images, weights, preprocessing, precision,
-    and the JPEG decoder (the GPU's rounds pixels differently)."""
+    the JPEG decoder (the GPU's rounds pixels differently) and the engine (ONNX Runtime's
+    features equal PyTorch's to 1e-4, not bit for bit: a cached run repeats the same engine's)."""
     digest = hashlib.sha256()
     settings = backbone.settings
-    decoder = ("gpu-decode",) if gpu_decode else ()
+    variant = ("gpu-decode",) if gpu_decode else ()
+    variant += (engine,) if engine != TORCH else ()
     digest.update(
         repr(
             (
@@ -338,7 +416,7 @@ def feature_cache_key(
                 settings.pretrained,
                 backbone.preprocessing,
                 str(autocast_dtype(device)),
-                *decoder,
+                *variant,
             )
         ).encode()
     )

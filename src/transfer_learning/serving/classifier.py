@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -24,12 +25,19 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from transfer_learning.core.runtime import autocast_dtype, resolve_device
+from transfer_learning.core.runtime import autocast_dtype, resolve_device, usable_cores
 from transfer_learning.core.tasks import PROBABILITY_PREFIX, SINGLE_TASK, Tasks
 from transfer_learning.data.images import decode_image_bytes, load_rgb_tensor
 from transfer_learning.data.loading import EvalCollate, Normaliser
 from transfer_learning.models.backbones import BackboneSettings, build_backbone
 from transfer_learning.models.calibration import apply_temperature
+from transfer_learning.models.onnx_network import (
+    AUTO,
+    ONNXRUNTIME,
+    TORCH,
+    packaged_forward,
+    resolve_engine,
+)
 from transfer_learning.reporting.evaluation import align_probabilities
 
 ERROR_COLUMN = "error"
@@ -47,6 +55,7 @@ ERRORS = {
 }
 # Deploy-time settings, read from the serving process's environment.
 ALLOW_PATHS_VARIABLE = "TRANSFER_LEARNING_ALLOW_PATHS"
+ENGINE_VARIABLE = "TRANSFER_LEARNING_ENGINE"  # auto (default) | torch | onnxruntime
 MAX_BYTES_VARIABLE = "TRANSFER_LEARNING_MAX_IMAGE_BYTES"
 MAX_PIXELS_VARIABLE = "TRANSFER_LEARNING_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_BYTES = 20_000_000  # 20 MB: larger than any phone photo
@@ -277,24 +286,31 @@ class ImageClassifier(ImageModel):
         batch_size: int = 64,
         tasks: Mapping[str, Sequence[str]] | None = None,
         temperatures: Mapping[str, float] | None = None,
+        onnx_file: str | None = None,
     ) -> None:
         super().__init__(strategy, classes, image_size, batch_size, tasks, temperatures)
         self.backbone_name = backbone_name
         self.network_state = network_state
         self.head = head
+        self.onnx_file = onnx_file  # the packaged export of the network, when there is one
         self._network = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("onnx_file", None)
         self._network = None
 
     @torch.inference_mode()
     def uncalibrated_task_probabilities(self, images: list[torch.Tensor]) -> list[np.ndarray]:
         if self._network is None:
             self._build()
-        dtype = autocast_dtype(self._device)
-        with torch.autocast(self._device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = self._network(self._normalise(self._collate(images))).float().cpu()
+        batch = self._collate(images)
+        if self._onnx is not None:
+            outputs = torch.from_numpy(self._onnx(batch))
+        else:
+            dtype = autocast_dtype(self._device)
+            with torch.autocast(self._device.type, dtype=dtype, enabled=dtype is not None):
+                outputs = self._network(self._normalise(batch)).float().cpu()
         sizes = [len(names) for names in self.tasks.values()]
         if self.head is None:
             return [torch.softmax(part.double(), dim=1).numpy() for part in outputs.split(sizes, 1)]
@@ -305,7 +321,21 @@ class ImageClassifier(ImageModel):
             for head, size in zip(heads.values(), sizes, strict=True)
         ]
 
-    def _build(self) -> None:
+    @property
+    def engine(self) -> str:
+        """What runs the network: onnxruntime (the packaged, checked `model.onnx`, on a CPU)
+        or torch."""
+        if self._network is None:
+            self._build()
+        return ONNXRUNTIME if self._onnx is not None else TORCH
+
+    def uint8_network(self) -> torch.nn.Module:
+        """The model's network on the CPU, its normalisation first: uint8 NCHW images of
+        `image_size` px → logits (a trained network) or features (a head's backbone)."""
+        network, preprocessing = self._torch_network()
+        return torch.nn.Sequential(Normaliser(preprocessing), network).eval()
+
+    def _torch_network(self) -> tuple[torch.nn.Module, Any]:
         from transfer_learning.models.classifier import build_classifier
 
         settings = BackboneSettings(
@@ -318,10 +348,26 @@ class ImageClassifier(ImageModel):
             backbone = build_backbone(settings)
             network = backbone.features
         network.load_state_dict(self.network_state)
+        return network.eval(), backbone.preprocessing
+
+    def _build(self) -> None:
+        network, preprocessing = self._torch_network()
         self._device = resolve_device("auto")
-        self._network = network.to(self._device).to(memory_format=torch.channels_last).eval()
-        self._collate = EvalCollate(backbone.preprocessing)
-        self._normalise = Normaliser(backbone.preprocessing).to(self._device)
+        self._collate = EvalCollate(preprocessing)
+        self._onnx = None
+        engine = resolve_engine(
+            os.environ.get(ENGINE_VARIABLE, AUTO), self._device, setting=ENGINE_VARIABLE
+        )
+        if engine == ONNXRUNTIME and self.onnx_file:
+            self._onnx = packaged_forward(
+                torch.nn.Sequential(Normaliser(preprocessing), network),
+                self.image_size,
+                Path(self.onnx_file),
+                f"the {self.strategy} model",
+                threads=usable_cores(),
+            )
+        self._network = network.to(self._device).to(memory_format=torch.channels_last)
+        self._normalise = Normaliser(preprocessing).to(self._device)
 
 
 class CombinedClassifier(ImageModel):

@@ -9,6 +9,11 @@ format that cannot execute anything:
 - `network.pt`: the network's weights, read with `torch.load(weights_only=True)`;
 - `head.skops`: the scikit-learn head (a strategy of the features kind), read by skops trusting only
   scikit-learn's types and `heads.TRUSTED_HEAD_TYPES`;
+- `model.onnx` (where ONNX Runtime is installed when packaging, and the network exports): the same
+  network with its normalisation as an ONNX graph, which the model runs on a CPU (about twice
+  PyTorch's speed). Only checked files are used: on load it must be self-contained (no external
+  data files) and give `network.pt`'s outputs to 1e-4 on a fixed batch, else PyTorch runs the
+  model. `TRANSFER_LEARNING_ENGINE=torch` in the serving environment turns it off;
 - `model.json`: strategy, classes (and with several label columns `tasks`: task → classes),
   backbone name, image size, the calibration's `temperatures` (task → T);
 - a weighted combination of models: its `model.json` (kind `combined`, member weights) and each member's files
@@ -37,6 +42,7 @@ from PIL import Image
 
 from transfer_learning.models.backbones import BackboneSettings, build_backbone
 from transfer_learning.models.heads import TRUSTED_HEAD_TYPES
+from transfer_learning.models.onnx_network import export_checked, onnxruntime_installed
 from transfer_learning.serving.classifier import CombinedClassifier, ImageClassifier, ImageModel
 from transfer_learning.serving.requirements import image_model_requirements
 
@@ -109,6 +115,11 @@ def write_model_files(model: ImageModel, folder: Path, prefix: str = "") -> dict
         if model.head is not None:
             artifacts[f"{prefix}head"] = folder / f"{prefix}head.skops"
             artifacts[f"{prefix}head"].write_bytes(head_bytes(model.head))
+        onnx_file = folder / f"{prefix}model.onnx"
+        if onnxruntime_installed() and export_checked(
+            model.uint8_network(), model.image_size, onnx_file, f"the {model.strategy} model"
+        ):
+            artifacts[f"{prefix}onnx"] = onnx_file
     artifacts[f"{prefix}spec"].write_text(json.dumps(spec, indent=2))
     return {name: str(path) for name, path in artifacts.items()}
 
@@ -150,6 +161,7 @@ def read_model_files(artifacts: Mapping[str, str], prefix: str = "") -> ImageMod
             batch_size=spec["batch_size"],
             tasks=spec.get("tasks"),
             temperatures=spec.get("temperatures"),
+            onnx_file=artifacts.get(f"{prefix}onnx"),
         )
     except KeyError as error:
         raise ModelFileError(f"{spec_file} lacks {error}. {_REPACKAGE}") from error

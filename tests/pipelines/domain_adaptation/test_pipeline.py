@@ -71,7 +71,7 @@ def source():
     (pretrained, briefly untrained-head) network checkpoint, their image models."""
     index, classes, _ = build_image_index(DataSettings(), seed=0)
     index = index.iloc[::4].reset_index(drop=True)
-    features, _ = extract_image_features(
+    features, _, _ = extract_image_features(
         index, BACKBONE, {"cache_dir": None, "progress": False}, "cpu", {}
     )
     train, val = split_features(features)

@@ -21,6 +21,7 @@ from transfer_learning.models.backbones import (
     build_backbone,
     resolve_image_size,
 )
+from transfer_learning.models.onnx_network import ONNXRUNTIME
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +67,14 @@ def extract_image_features(
     extraction: dict[str, Any],
     device: str,
     distributed: dict[str, Any],
-) -> tuple[dict[str, np.ndarray], MlflowMetrics]:
+) -> tuple[dict[str, np.ndarray], MlflowMetrics, dict[str, str]]:
     """Run every image of the index through the frozen backbone (`backbone`: resolved by
     `resolve_backbone`, no `auto` left), on `distributed.*` processes.
 
     Returns arrays `features` (n, d) float32, `label`, `task_labels` (n, tasks: every label
     column's ids, `tasks.MISSING` where absent), `split` and `location` in index order,
-    plus the backbone's name and (resolved) image size, and extraction metrics for MLflow.
+    plus the backbone's name and (resolved) image size; extraction metrics for MLflow; and
+    what `extraction.engine` resolved to (an MLflow parameter).
     """
     model = build_backbone(BackboneSettings.from_params(backbone))
     result = extract_features(
@@ -85,11 +87,12 @@ def extract_image_features(
     n_images = len(image_index)
     rate = n_images / result.seconds if result.seconds else 0.0
     logger.info(
-        "Features %s for %d images with %s@%dpx%s",
+        "Features %s for %d images with %s@%dpx by %s%s",
         result.features.shape,
         n_images,
         model.name,
         model.preprocessing.image_size,
+        result.engine,
         " (cached)" if result.cached else f" in {result.seconds:.1f} s ({rate:.0f} img/s)",
     )
     arrays = {
@@ -108,5 +111,6 @@ def extract_image_features(
         "images_per_second": rate,
         "cached": float(result.cached),
         "image_size": model.preprocessing.image_size,
+        "onnxruntime": float(result.engine == ONNXRUNTIME),
     }
-    return arrays, mlflow_metrics(metrics)
+    return arrays, mlflow_metrics(metrics), {"engine": result.engine}

@@ -32,7 +32,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:device",
                     "params:distributed",
                 ],
-                outputs=["image_features", "extraction_metrics"],
+                outputs=["image_features", "extraction_metrics", "extraction_choice"],
                 name="extract_image_features",
             ),
         ]
