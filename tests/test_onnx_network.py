@@ -62,13 +62,10 @@ def relative_difference(actual, expected) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    [
-        "efficientnet_lite0",
-        pytest.param("efficientnet_lite1", marks=pytest.mark.slow),
-        pytest.param("efficientnet_lite2", marks=pytest.mark.slow),
-    ],
+    ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
 )
 def test_each_bundled_backbone_exports_with_pytorchs_features_on_real_photos(name, tmp_path):
     backbone = build_backbone(BackboneSettings(name=name, image_size=None))
@@ -98,6 +95,7 @@ def small():
     return build_backbone(BackboneSettings(image_size=64))
 
 
+@pytest.mark.slow  # exports a network two or three times
 def test_a_cached_export_is_reused_and_rebuilt_when_corrupted(small, tmp_path, caplog):
     network = feature_network(small)
     assert onnx_forward(network, 64, tmp_path, small.name) is not None
@@ -118,6 +116,7 @@ def test_a_cached_export_is_reused_and_rebuilt_when_corrupted(small, tmp_path, c
     assert relative_difference(forward(batch), expected) <= RELATIVE_TOLERANCE
 
 
+@pytest.mark.slow  # exports a network two or three times
 def test_a_cached_export_of_other_weights_is_detected_and_rebuilt(small, tmp_path, caplog):
     network = feature_network(small)
     other = feature_network(build_backbone(BackboneSettings(image_size=64, pretrained=False)))
@@ -237,6 +236,7 @@ def photo_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+@pytest.mark.slow  # exports a network two or three times
 def test_the_packaged_model_runs_its_checked_onnx_export_with_pytorchs_answers(
     packaged, monkeypatch
 ):
@@ -248,6 +248,7 @@ def test_the_packaged_model_runs_its_checked_onnx_export_with_pytorchs_answers(
     np.testing.assert_allclose(by_onnx, by_torch, rtol=RELATIVE_TOLERANCE, atol=1e-6)
 
 
+@pytest.mark.slow  # exports a network two or three times
 def test_a_changed_packaged_export_is_refused_and_left_as_it_is(packaged, tmp_path, caplog):
     copy = tmp_path / "model"
     shutil.copytree(packaged, copy)
@@ -261,6 +262,7 @@ def test_a_changed_packaged_export_is_refused_and_left_as_it_is(packaged, tmp_pa
     np.testing.assert_allclose(answer, expected, rtol=RELATIVE_TOLERANCE, atol=1e-6)
 
 
+@pytest.mark.slow  # exports a network two or three times
 def test_without_onnx_runtime_models_are_packaged_and_served_by_pytorch(
     packaged, tmp_path, monkeypatch
 ):

@@ -109,6 +109,7 @@ def test_a_packaged_model_predicts_as_the_in_memory_one_and_holds_no_pickle(
     assert sorted(p.name for p in (files / "image_model" / "artifacts").iterdir()) == [
         "head.skops",
         "model.json",
+        "model.onnx",  # the network for ONNX Runtime (installed here)
         "network.pt",
     ]
     expected = head_model.predict_files(photos)
@@ -295,8 +296,10 @@ def test_a_calibrated_combination_round_trips_and_predicts_the_weighted_tempered
     assert artifacts == [
         "member0_head.skops",
         "member0_model.json",
+        "member0_model.onnx",
         "member0_network.pt",
         "member1_model.json",
+        "member1_model.onnx",
         "member1_network.pt",
         "model.json",
     ]
