@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from transfer_learning.core.runtime import autocast_dtype, resolve_device, usable_cores
-from transfer_learning.data.loading import Normaliser
+from transfer_learning.data.loading import uint8_input
 from transfer_learning.features.extraction import ExtractionSettings, extract_features
 from transfer_learning.models.backbones import BackboneSettings, build_backbone
 from transfer_learning.models.onnx_network import ONNXRUNTIME, TORCH, onnx_forward, resolve_engine
@@ -138,7 +138,7 @@ def onnx_bound(backbone, batch_size: int, cache: str, seconds: float = 10.0) -> 
     """Compute-only rate of the project's ONNX export: one session on every core, or one
     single-threaded session called from one thread per core (rates add up); the better."""
     size = backbone.preprocessing.image_size
-    network = torch.nn.Sequential(Normaliser(backbone.preprocessing), backbone.features).eval()
+    network = uint8_input(backbone.features, backbone.preprocessing)
     batch = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
     cores = usable_cores()
     best = 0.0

@@ -164,3 +164,9 @@ class Normaliser(torch.nn.Module):
         batch = batch.to(self.scale.device, non_blocking=True)
         batch = batch.contiguous(memory_format=torch.channels_last).float()
         return torch.addcmul(self.shift, batch, self.scale)
+
+
+def uint8_input(network: torch.nn.Module, preprocessing: Preprocessing) -> torch.nn.Module:
+    """`network` behind its normalisation: uint8 NCHW batches in, as `EvalCollate` makes them
+    (the form an ONNX export of the network takes)."""
+    return torch.nn.Sequential(Normaliser(preprocessing), network).eval()

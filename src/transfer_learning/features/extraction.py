@@ -42,7 +42,13 @@ from transfer_learning.data.images import (
     decode_image_bytes,
     exif_orientation,
 )
-from transfer_learning.data.loading import EvalCollate, ImageDataset, Normaliser, image_loader
+from transfer_learning.data.loading import (
+    EvalCollate,
+    ImageDataset,
+    Normaliser,
+    image_loader,
+    uint8_input,
+)
 from transfer_learning.models.backbones import Backbone
 from transfer_learning.models.onnx_network import (
     ENGINES,
@@ -193,7 +199,7 @@ def _engine_and_cache_file(
 def _onnx_forward(backbone: Backbone, settings: ExtractionSettings, threads: int) -> Forward | None:
     """The backbone with its normalisation, uint8 images in, as one ONNX Runtime forward pass
     (exported once, beside the feature cache), or None where it must stay in PyTorch."""
-    network = torch.nn.Sequential(Normaliser(backbone.preprocessing), backbone.features).eval()
+    network = uint8_input(backbone.features, backbone.preprocessing)
     folder = Path(settings.cache_dir) / "onnx" if settings.cache_dir else None
     return onnx_forward(network, backbone.preprocessing.image_size, folder, backbone.name, threads)
 

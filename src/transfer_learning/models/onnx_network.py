@@ -44,6 +44,7 @@ Forward = Callable[[torch.Tensor], np.ndarray]
 # twice. The key is a digest of the weights, so an entry never stands for other weights; a
 # file rewritten since is checked again.
 _CHECKED: dict[tuple[str, str, int, tuple[int, int] | None], Forward | None] = {}
+_UNCHECKED = object()
 
 
 class EngineError(ValueError):
@@ -104,8 +105,9 @@ def onnx_forward(
         with tempfile.TemporaryDirectory(prefix="onnx-") as folder:
             return _forward_of(network, image_size, Path(folder) / f"{key}.onnx", name, threads)
     path = cache_dir / f"{key}.onnx"
-    if (key, str(path), threads, _stamp(path)) in _CHECKED:
-        return _CHECKED[key, str(path), threads, _stamp(path)]
+    checked = _CHECKED.get((key, str(path), threads, _stamp(path)), _UNCHECKED)
+    if checked is not _UNCHECKED:
+        return checked
     forward = _forward_of(network, image_size, path, name, threads)
     _CHECKED[key, str(path), threads, _stamp(path)] = forward  # the file as now written
     return forward

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from transfer_learning.core.runtime import autocast_dtype, resolve_device, usable_cores
 from transfer_learning.core.tasks import PROBABILITY_PREFIX, SINGLE_TASK, Tasks
 from transfer_learning.data.images import decode_image_bytes, load_rgb_tensor
-from transfer_learning.data.loading import EvalCollate, Normaliser
+from transfer_learning.data.loading import EvalCollate, Normaliser, uint8_input
 from transfer_learning.models.backbones import BackboneSettings, build_backbone
 from transfer_learning.models.calibration import apply_temperature
 from transfer_learning.models.onnx_network import (
@@ -332,8 +332,7 @@ class ImageClassifier(ImageModel):
     def uint8_network(self) -> torch.nn.Module:
         """The model's network on the CPU, its normalisation first: uint8 NCHW images of
         `image_size` px → logits (a trained network) or features (a head's backbone)."""
-        network, preprocessing = self._torch_network()
-        return torch.nn.Sequential(Normaliser(preprocessing), network).eval()
+        return uint8_input(*self._torch_network())
 
     def _torch_network(self) -> tuple[torch.nn.Module, Any]:
         from transfer_learning.models.classifier import build_classifier
@@ -360,7 +359,7 @@ class ImageClassifier(ImageModel):
         )
         if engine == ONNXRUNTIME and self.onnx_file:
             self._onnx = packaged_forward(
-                torch.nn.Sequential(Normaliser(preprocessing), network),
+                uint8_input(network, preprocessing),
                 self.image_size,
                 Path(self.onnx_file),
                 f"the {self.strategy} model",
