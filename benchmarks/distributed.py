@@ -74,7 +74,9 @@ def main() -> None:
     images = TrainValImages(files[n_val:], labels[n_val:], files[:n_val], labels[:n_val])
     recipe = Recipe(
         BackboneSettings(image_size=args.image_size),
-        FinetuneSettings(epochs=args.epochs, batch_size=32, patience=None, hflip=True),
+        FinetuneSettings(
+            epochs=args.epochs, batch_size=32, patience=None, hflip=True, freeze_stride=4
+        ),
     )
 
     def train(distributed: DistributedSettings):

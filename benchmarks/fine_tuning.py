@@ -100,7 +100,10 @@ def train_strategy(name: str, images: TrainValImages, args, device) -> float:
     finetune = {"epochs": args.epochs, "batch_size": args.batch_size, "patience": None}
     recipe = Recipe(
         BackboneSettings(image_size=args.image_size, pretrained=pretrained),
-        FinetuneSettings(**{**finetune, "hflip": True, **keys}),
+        FinetuneSettings(
+            **{**finetune, "hflip": True, **keys},
+            freeze_stride=FinetuneSettings().frozen_stride(pretrained),
+        ),
     )
     run = TrainingRunSettings(checkpoint_dir="data/06_models/checkpoints/benchmark", progress=False)
     result = train_classifier(images, 10, recipe, run, 0, device, "benchmark")

@@ -50,7 +50,13 @@ CPU = torch.device("cpu")
 TWO_PROCESSES = DistributedSettings(nproc_per_node=2)
 SINGLE = DistributedSettings()
 PROBE = FinetuneSettings(
-    mode="linear_probe", epochs=6, batch_size=64, lr=0.01, patience=None, hflip=True
+    mode="linear_probe",
+    epochs=6,
+    batch_size=64,
+    lr=0.01,
+    patience=None,
+    hflip=True,
+    freeze_stride=None,
 )
 
 
@@ -237,7 +243,9 @@ def test_gradient_accumulation_over_pieces_equals_the_whole_batch(tmp_path):
 
 
 def test_a_batch_smaller_than_the_process_count_is_refused(tmp_path):
-    finetune = FinetuneSettings(epochs=1, batch_size=2, patience=None, hflip=False)
+    finetune = FinetuneSettings(
+        epochs=1, batch_size=2, patience=None, hflip=False, freeze_stride=None
+    )
     with pytest.raises(TrainingError, match=r"finetune.batch_size=2 is smaller than the 3"):
         _train(digits(16, 8), finetune, tmp_path, "x", DistributedSettings(nproc_per_node=3))
 

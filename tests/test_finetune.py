@@ -19,7 +19,7 @@ from transfer_learning.data.index import build_image_index
 from transfer_learning.data.settings import DataSettings
 from transfer_learning.models.backbones import BackboneError, BackboneSettings, build_backbone
 from transfer_learning.models.classifier import build_classifier
-from transfer_learning.training.optim import parameter_groups
+from transfer_learning.training.optim import early_layers, parameter_groups
 from transfer_learning.training.recipe import (
     FinetuneSettings,
     Recipe,
@@ -45,7 +45,8 @@ def digits(n_train: int = 96, n_val: int = 48) -> TrainValImages:
 
 
 def recipe(backbone: BackboneSettings = TINY, **overrides) -> Recipe:
-    values = dict(epochs=3, batch_size=16, hflip=False, patience=None)
+    freeze_stride = FinetuneSettings().frozen_stride(backbone.pretrained)  # as `auto` resolves
+    values = dict(epochs=3, batch_size=16, hflip=False, patience=None, freeze_stride=freeze_stride)
     return Recipe(backbone, FinetuneSettings(**{**values, **overrides}))
 
 
@@ -94,17 +95,64 @@ def test_linear_probe_freezes_backbone_and_batchnorm_statistics(tmp_path):
     assert result.trainable_parameters == 1280 * 10 + 10
 
 
-def test_full_fine_tuning_moves_the_pretrained_backbone(tmp_path):
-    pretrained = build_backbone(TINY).features.state_dict()
+def moved_and_kept(result, backbone=TINY) -> tuple[set[str], set[str]]:
+    """The backbone's float tensors (weights and BatchNorm statistics) training changed / kept."""
+    pretrained = build_backbone(backbone).features.state_dict()
+    floats = {k for k, t in pretrained.items() if t.is_floating_point()}
+    kept = {k for k in floats if torch.equal(pretrained[k], result.state_dict[f"features.{k}"])}
+    return floats - kept, kept
+
+
+def test_full_fine_tuning_without_freezing_moves_the_whole_backbone(tmp_path):
+    result = train(tmp_path, epochs=1, freeze_stride=None)
+    _, kept = moved_and_kept(result)
+    assert not [k for k in kept if k.endswith((".weight", "running_mean"))], kept
+
+
+def test_pretrained_early_layers_are_kept_and_the_rest_fine_tuned(tmp_path):
+    # auto: the stem and the stages at 1/2 and 1/4 of the image keep their weights and
+    # BatchNorm statistics; every later layer trains.
     result = train(tmp_path, epochs=1)
-    moved = [
-        key
-        for key, tensor in pretrained.items()
-        if tensor.is_floating_point()
-        and not torch.equal(tensor, result.state_dict[f"features.{key}"])
-    ]
-    convolutions = [k for k, t in pretrained.items() if t.ndim == 4]
-    assert set(convolutions) <= set(moved), "a convolution kept its pretrained weights"
+    moved, kept = moved_and_kept(result)
+    early = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")
+    assert {k for k in kept | moved if k.startswith(early)} <= kept
+    later_kernels = {k for k in moved | kept if k.startswith("blocks.2.") and k.endswith("weight")}
+    assert later_kernels and later_kernels <= moved
+    model, _ = build_classifier(TINY, 10, seed=0)
+    frozen = sum(p.numel() for n, p in model.features.named_parameters() if n.startswith(early))
+    assert 0 < frozen < result.trainable_parameters
+    assert result.trainable_parameters == sum(p.numel() for p in model.parameters()) - frozen
+
+
+def test_random_weights_freeze_nothing(tmp_path):
+    random = replace(TINY, pretrained=False)
+    assert FinetuneSettings().frozen_stride(pretrained=False) is None
+    result = train(tmp_path, backbone=random, epochs=1)
+    model, _ = build_classifier(random, 10, seed=0)
+    assert result.trainable_parameters == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "name,image_size,stride,expected",
+    [
+        ("efficientnet_lite0", 224, 4, ["conv_stem", "bn1", "blocks.0", "blocks.1"]),
+        ("efficientnet_lite0", 32, 4, ["conv_stem", "bn1", "blocks.0", "blocks.1"]),
+        ("efficientnet_lite0", 225, 8, ["conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"]),
+        ("torchvision/resnet18", 224, 4, ["conv1", "bn1", "layer1.0", "layer1.1"]),
+        ("efficientnet_lite0", 224, None, []),
+    ],
+)
+def test_early_layers_are_found_by_the_stride_of_their_outputs(name, image_size, stride, expected):
+    backbone = build_backbone(BackboneSettings(name, image_size=image_size, pretrained=False))
+    assert early_layers(backbone.features, image_size, stride) == expected
+    assert not backbone.features.training  # the probe pass leaves the mode as it was
+
+
+def test_a_vision_transformer_has_no_early_layers_to_freeze():
+    backbone = build_backbone(
+        BackboneSettings("timm/vit_tiny_patch16_224", image_size=224, pretrained=False)
+    )
+    assert early_layers(backbone.features, 224, 4) == []
 
 
 def test_random_initialisation_starts_far_from_the_pretrained_weights():
@@ -301,13 +349,16 @@ def test_strategy_overrides_win_over_the_shared_blocks():
     ],
 )
 def test_the_step_budget_sets_batch_size_and_epochs(n_train, batch_size, epochs):
-    resolved = FinetuneSettings(steps=200).resolve(n_train, mirror_symmetric=True)
+    resolved = FinetuneSettings(steps=200).resolve(n_train, mirror_symmetric=True, pretrained=True)
     assert (resolved.batch_size, resolved.epochs) == (batch_size, epochs)
 
 
 @pytest.mark.parametrize("n_train,patience", [(1149, 4), (100, 12), (50_000, 3)])
 def test_auto_patience_is_a_third_of_the_epochs(n_train, patience):
-    assert FinetuneSettings().resolve(n_train, mirror_symmetric=True).patience == patience
+    assert (
+        FinetuneSettings().resolve(n_train, mirror_symmetric=True, pretrained=True).patience
+        == patience
+    )
 
 
 def test_an_unresolved_recipe_is_refused(tmp_path):
@@ -325,9 +376,13 @@ def test_an_unresolved_recipe_is_refused(tmp_path):
 
 def test_explicit_values_win_over_auto_and_flips_follow_the_data():
     settings = FinetuneSettings(epochs=5, batch_size=8, hflip="auto", patience=2)
-    assert settings.resolve(10_000, mirror_symmetric=False) == replace(settings, hflip=False)
-    assert FinetuneSettings().resolve(100, mirror_symmetric=True).hflip is True
-    assert FinetuneSettings(hflip=False).resolve(100, mirror_symmetric=True).hflip is False
+    resolved = settings.resolve(10_000, mirror_symmetric=False, pretrained=True)
+    assert resolved == replace(settings, hflip=False, freeze_stride=4)
+    assert FinetuneSettings().resolve(100, mirror_symmetric=True, pretrained=True).hflip is True
+    assert (
+        FinetuneSettings(hflip=False).resolve(100, mirror_symmetric=True, pretrained=True).hflip
+        is False
+    )
 
 
 def test_a_recipe_resolves_every_auto_from_the_data_profile():

@@ -322,8 +322,13 @@ def test_bad_long_tail_and_mixing_settings_name_the_parameter(key, value):
 
 
 def test_batch_never_exceeds_a_tiny_training_set():
-    assert FinetuneSettings().resolve(5, mirror_symmetric=True).batch_size == 5
-    assert FinetuneSettings(batch_size=32).resolve(10, mirror_symmetric=True).batch_size == 10
+    assert FinetuneSettings().resolve(5, mirror_symmetric=True, pretrained=True).batch_size == 5
+    assert (
+        FinetuneSettings(batch_size=32)
+        .resolve(10, mirror_symmetric=True, pretrained=True)
+        .batch_size
+        == 10
+    )
 
 
 # ---- MLflow child runs -------------------------------------------------------------------------

@@ -183,7 +183,9 @@ def test_mixing_and_class_balanced_draws_are_refused_with_several_tasks():
     images = TrainValImages(["a.png"] * 4, np.zeros((4, 2), int), ["b.png"], np.zeros((1, 2), int))
     recipe = Recipe(
         BackboneSettings(image_size=32),
-        FinetuneSettings(epochs=1, batch_size=2, hflip=False, patience=None, mixup=0.2),
+        FinetuneSettings(
+            epochs=1, batch_size=2, hflip=False, patience=None, mixup=0.2, freeze_stride=None
+        ),
     )
     with pytest.raises(TrainingError, match=r"finetune.mixup=0.2 works on one label column"):
         train_classifier(

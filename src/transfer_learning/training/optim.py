@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,19 +22,79 @@ def training_phase(settings: FinetuneSettings, epoch: int) -> str:
     return "all"
 
 
-def set_trainable(model: Classifier, phase: str) -> None:
+def set_trainable(model: Classifier, phase: str, frozen_layers: Sequence[str] = ()) -> None:
+    """Gradients and training mode for `phase`; `frozen_layers` (see `early_layers`) stay as
+    they are in the 'all' phase too. Frozen layers keep their BatchNorm statistics (eval mode)."""
     frozen = phase == "head"
     model.features.requires_grad_(not frozen)
     model.head.requires_grad_(True)
     model.train()
     if frozen:
-        # A frozen backbone keeps its BatchNorm statistics too (eval mode).
         model.features.eval()
+        return
+    for name in frozen_layers:
+        layer = model.features.get_submodule(name)
+        layer.requires_grad_(False)
+        layer.eval()
 
 
-def trainable_parameter_count(model: Classifier, settings: FinetuneSettings) -> int:
-    modules = [model.head] if settings.mode == "linear_probe" else [model]
-    return sum(p.numel() for module in modules for p in module.parameters())
+def early_layers(features: nn.Module, image_size: int, max_stride: int | None) -> list[str]:
+    """The leading layer groups of `features` (the depth groups of `parameter_groups`: e.g.
+    conv_stem, bn1, blocks.0, blocks.1 of EfficientNet; conv1, bn1, layer1.0 … of ResNet) whose
+    every output is at most `max_stride` times smaller than the image; none for None.
+
+    Found by one forward pass of a blank image, so it holds for any convolutional network; a
+    network whose first layer already leaves the image grid (a vision transformer's patch
+    embedding at stride 16, tokens) has none at stride 4.
+    """
+    if not max_stride:
+        return []
+    fine: dict[str, bool] = {}  # group → every output it made was at most max_stride smaller
+
+    def record(group: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            on_grid = isinstance(output, torch.Tensor) and output.ndim == 4
+            fine_enough = on_grid and output.shape[-1] * max_stride >= image_size
+            fine[group] = fine.get(group, True) and fine_enough
+
+        return hook
+
+    hooks = [
+        module.register_forward_hook(record(_depth_group(name)))
+        for name, module in features.named_modules()
+        if name
+    ]
+    was_training = features.training
+    parameter = next(features.parameters())
+    blank = torch.zeros(1, 3, image_size, image_size, device=parameter.device)
+    try:
+        with torch.no_grad():
+            features.eval()(blank)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        features.train(was_training)
+    groups = dict.fromkeys(_depth_of_parameter(name) for name, _ in features.named_parameters())
+    leading = []
+    for group in groups:
+        if not fine.get(group, False):
+            break
+        leading.append(group)
+    return leading
+
+
+def _depth_group(layer: str) -> str:
+    """A layer's depth group: its first two name parts (conv_stem, bn1, blocks.3, layer2.1)."""
+    return ".".join(layer.split(".")[:2])
+
+
+def _depth_of_parameter(name: str) -> str:
+    """The depth group of the layer a parameter belongs to ('' for the network's own)."""
+    return _depth_group(name.rpartition(".")[0])
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def parameter_groups(
@@ -41,14 +102,16 @@ def parameter_groups(
 ) -> list[dict[str, Any]]:
     """Optimiser groups: one rate per depth (with layer_decay, earlier layers learn slower), and
     in each depth weight decay on ≥2-D tensors only — biases and normalisation weights are 1-D
-    and are not decayed (as timm does)."""
+    and are not decayed (as timm does). Frozen parameters (no gradient: see `set_trainable`)
+    are left out."""
     by_depth: dict[int, list[nn.Parameter]] = {}
+    depth_of: dict[str, int] = {}
     if phase != "head":
-        depth_of: dict[str, int] = {}
         for name, parameter in model.features.named_parameters():
-            key = ".".join(name.split(".")[:2])  # e.g. "blocks.3", "conv_stem", "layer2.1"
-            by_depth.setdefault(depth_of.setdefault(key, len(depth_of)), []).append(parameter)
-    head_depth = len(by_depth)
+            depth = depth_of.setdefault(_depth_of_parameter(name), len(depth_of))
+            if parameter.requires_grad:
+                by_depth.setdefault(depth, []).append(parameter)
+    head_depth = len(depth_of)
     by_depth[head_depth] = list(model.head.parameters())
     decay = settings.layer_decay or 1.0
     groups = []

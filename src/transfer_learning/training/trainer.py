@@ -49,6 +49,7 @@ from transfer_learning.training.losses import (
     training_criterion,
 )
 from transfer_learning.training.optim import (
+    early_layers,
     make_optimizer,
     set_trainable,
     trainable_parameter_count,
@@ -398,6 +399,7 @@ class _Session:
     start_epoch: int
     context: ProcessContext
     n_classes: int | Mapping[str, int]
+    frozen_layers: list[str]  # kept as pretrained in every phase (finetune.freeze_stride)
 
 
 def _start(images, n_classes, recipe: Recipe, run, seed, context, run_name) -> _Session:
@@ -409,6 +411,15 @@ def _start(images, n_classes, recipe: Recipe, run, seed, context, run_name) -> _
         # BatchNorm statistics over the global batch, as one process would compute them.
         model = synchronise_batchnorm(model, device)
     model = model.to(device).to(memory_format=torch.channels_last)
+    freeze_stride = settings.freeze_stride
+    frozen_layers = early_layers(model.features, backbone.preprocessing.image_size, freeze_stride)
+    if frozen_layers:
+        logger.info(
+            "%s: %s keep their pretrained weights (finetune.freeze_stride=%s; null trains them)",
+            run_name,
+            ", ".join(frozen_layers),
+            freeze_stride,
+        )
     data = build_training_data(images, backbone, settings, run, context)
     criterion = training_criterion(data.train_labels, n_classes, settings).to(device)
     checkpointer = Checkpointer(
@@ -423,13 +434,13 @@ def _start(images, n_classes, recipe: Recipe, run, seed, context, run_name) -> _
         criterion.load_state_dict(checkpoint.get("criterion", criterion.state_dict()))
         state = TrainingState(**checkpoint["state"])
         logger.info("Resuming %s after epoch %d", run_name, checkpoint["epoch"])
+    set_trainable(model, state.phase, frozen_layers)  # first: the optimiser skips frozen ones
     optimizer, scheduler = make_optimizer(
         model, settings, state.phase, data.steps_per_epoch, criterion
     )
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-    set_trainable(model, state.phase)
     trainer = build_trainer(model, backbone, data, settings, run, context, criterion)
     start_epoch = int(checkpoint["epoch"]) if checkpoint else 0
     return _Session(
@@ -445,6 +456,7 @@ def _start(images, n_classes, recipe: Recipe, run, seed, context, run_name) -> _
         start_epoch,
         context,
         n_classes,
+        frozen_layers,
     )
 
 
@@ -455,7 +467,8 @@ def _run_epoch(
     settings = recipe.finetune
     state, data = session.state, session.data
     phase = training_phase(settings, epoch)
-    set_trainable(session.model, phase)  # also back to training mode after validation
+    # also back to training mode after validation
+    set_trainable(session.model, phase, session.frozen_layers)
     if phase != state.phase:
         state.phase = phase
         session.optimizer, session.scheduler = make_optimizer(
@@ -530,7 +543,7 @@ def _epoch_loop(images, n_classes, recipe, run, seed, context, run_name) -> Trai
         best_val_accuracy=state.best_val_accuracy,
         history=state.history,
         fit_seconds=seconds,
-        trainable_parameters=trainable_parameter_count(session.model, settings),
+        trainable_parameters=trainable_parameter_count(session.model),
         images_per_second=trained / seconds if seconds else 0.0,
         resumed_from_epoch=session.start_epoch,
         stopped_early=state.stopped_early,

@@ -101,7 +101,7 @@ def source():
         ),
         "parameter_transfer.recipe": Recipe(
             BackboneSettings(**BACKBONE),
-            FinetuneSettings(batch_size=16, epochs=1, hflip=False, patience=None),
+            FinetuneSettings(batch_size=16, epochs=1, hflip=False, patience=None, freeze_stride=4),
         ),
         "parameter_transfer.train_index": index[index["split"] == "train"].reset_index(drop=True),
     }
