@@ -413,3 +413,32 @@ def test_short_trainings_step_clip_and_refuse_a_non_finite_loss_like_fine_tuning
         )
     # The first step was taken with its gradient (10) clipped to norm 0.5: 1 - 0.1 × 0.5.
     assert weight.item() == pytest.approx(0.95)
+
+
+PAGE_FAULTS_OF_REALLOCATING = """
+import resource, sys, torch
+from transfer_learning.core.runtime import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(60):  # one 64 MB activation a step, allocated, written and freed
+    torch.empty(16 * 2**20).fill_(1.0)
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_training_processes_reuse_freed_memory_instead_of_faulting_it_in_again():
+    faults = {}
+    for mode in ("default", "keep"):
+        printed = subprocess.run(
+            [sys.executable, "-c", PAGE_FAULTS_OF_REALLOCATING, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        faults[mode] = int(printed[-1])
+        assert printed[0] == {"default": "None", "keep": "True"}[mode]
+    # Every fresh 64 MB mapping faults in its 16,384 pages; the kept heap only while it grows
+    # (measured: 983,000 against 100,000).
+    assert faults["default"] > 40 * 16_384, faults
+    assert faults["keep"] < faults["default"] / 4, faults

@@ -26,7 +26,7 @@ from transfer_learning.core.distributed import (
     sum_over_ranks,
     synchronise_batchnorm,
 )
-from transfer_learning.core.runtime import autocast_dtype, cpu_threads
+from transfer_learning.core.runtime import autocast_dtype, cpu_threads, keep_freed_memory
 from transfer_learning.core.tasks import MISSING
 from transfer_learning.data.loading import Normaliser
 from transfer_learning.models.backbones import (
@@ -368,6 +368,8 @@ def _train_process(
     run_name: str,
 ) -> TrainingResult | None:
     """One process's training; rank 0's result is the run's (the others return None)."""
+    if context.device.type == "cpu":
+        keep_freed_memory()  # 1.5x faster steps on a CPU: no page faults for activations
     with isolated_randomness_and_threads(context.device):
         result = _epoch_loop(images, n_classes, recipe, run, seed, context, run_name)
     return result if context.is_main else None
