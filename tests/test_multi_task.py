@@ -19,6 +19,7 @@ from transfer_learning.core.tasks import MISSING, Tasks, task_label_column
 from transfer_learning.data.index import build_task_index
 from transfer_learning.data.settings import DataSettings, DataSourceError
 from transfer_learning.models.backbones import BackboneSettings
+from transfer_learning.models.onnx_network import RELATIVE_TOLERANCE
 from transfer_learning.pipelines.data_ingestion.nodes import index_images
 from transfer_learning.pipelines.evaluation import evaluation_for
 from transfer_learning.pipelines.feature_extraction.nodes import extract_image_features
@@ -269,7 +270,11 @@ def _check_outputs(outputs: dict, strategy: str, index: pd.DataFrame, tmp_path) 
     assert answer["error"].tolist() == [""] * 5 + ["bad_base64"]
     assert answer.iloc[-1][["predicted_digit", "predicted_parity"]].tolist() == ["", ""]
     local = model.predict_files(files)
-    pd.testing.assert_frame_equal(answer.head(5), local, atol=1e-5, check_dtype=False)
+    # The loaded model runs its model.onnx (ONNX Runtime), the in-memory one PyTorch: the export
+    # is checked equal to RELATIVE_TOLERANCE, measured up to 2e-5 apart on these probabilities.
+    pd.testing.assert_frame_equal(
+        answer.head(5), local, atol=RELATIVE_TOLERANCE, rtol=0, check_dtype=False
+    )
     np.testing.assert_allclose(
         answer.filter(like="probability_parity_").head(5).sum(axis=1).astype(float), 1.0, atol=1e-6
     )
