@@ -442,3 +442,19 @@ def test_training_processes_reuse_freed_memory_instead_of_faulting_it_in_again()
     # (measured: 983,000 against 100,000).
     assert faults["default"] > 40 * 16_384, faults
     assert faults["keep"] < faults["default"] / 4, faults
+
+
+@pytest.mark.parametrize(
+    "short_side,pretrained,expected",
+    [(240, True, 4), (8, True, None), (32, True, None), (240, False, None)],
+)
+def test_auto_freezing_is_for_pretrained_weights_on_photos_at_their_own_size(
+    short_side, pretrained, expected
+):
+    # Flowers (240 px) keep their early layers; digits (8 px → 48) and CIFAR (32 px → 128) are
+    # enlarged, and their early layers must learn the blur (measured on the digits: 81.7 %
+    # frozen against 98.6 %); random weights have nothing to keep.
+    backbone = BackboneSettings(pretrained=pretrained)
+    profile = {"typical_short_side": short_side, "n_train": 500, "mirror_symmetric": True}
+    resolved = Recipe(backbone, FinetuneSettings()).resolve(profile)
+    assert resolved.finetune.freeze_stride == expected
