@@ -44,7 +44,7 @@ MIN_AUTO_EPOCHS = 3
 MAX_AUTO_EPOCHS = 60
 MIN_AUTO_PATIENCE = 3
 # freeze_stride auto with pretrained weights: the layers at 1/2 and 1/4 of the image's
-# resolution stay as pretrained. They hold ~1 % of the weights and most of the activations, so
+# resolution stay as pretrained. They hold ~0.5 % of the weights and most of the activations, so
 # training skips their backward pass: 1.8x the images per second for EfficientNet-Lite0 at
 # 224 px on a CPU (docs/benchmarks.md, issue 29).
 PRETRAINED_FREEZE_STRIDE = 4
