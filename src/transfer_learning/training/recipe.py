@@ -258,8 +258,8 @@ class Recipe:
 
     def resolve(self, data_profile: Mapping[str, Any]) -> Recipe:
         """Every `auto` replaced by a value from the data profile (see `image_index.profile_images`)."""
-        backbone = resolve_image_size(self.backbone, data_profile["typical_short_side"])
         short_side = data_profile["typical_short_side"]
+        backbone = resolve_image_size(self.backbone, short_side)
         return Recipe(
             backbone,
             self.finetune.resolve(
