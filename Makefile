@@ -1,23 +1,43 @@
-# Two commands for a new user: `make run` and `make test`. Both set up .venv first.
+# Two commands for a new user: `make run` and `make test`. Both set up .venv first, from the lock.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCKED := $(VENV)/.locked
+# The pip that writes and reads the PEP 751 locks (pylock*.toml): pinned, as the locks are.
+PIP_PIN := pip==26.3
 
 # Kedro telemetry never prompts and never sends (see also .telemetry).
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install run test test-fast lint clean airflow airflow-env airflow-dags airflow-standalone
+.PHONY: install lock run test test-fast test-latest lint clean airflow airflow-env airflow-dags \
+	airflow-standalone
 
 install: $(STAMP)
 
-# Re-installs only when pyproject.toml changes, so repeated calls are cheap (idempotent).
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+# Exactly the tested set: a new .venv holding pylock.toml's versions, each file checked against
+# its hash. Rebuilt whenever the lock changes, so nothing outside it lingers.
+$(LOCKED): pylock.toml
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(PIP_PIN)"
+	$(BIN)/python -m pip install --quiet -r pylock.toml
+	touch $@
+
+# The project itself, editable; its requirements are the lock's, so nothing is resolved here.
+$(STAMP): $(LOCKED) pyproject.toml
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# The only way the locks change: re-resolve pylock.toml and pylock.airflow.toml within
+# pyproject.toml's ranges (newest versions that fit), with pip's own configuration. The next
+# `make install` rebuilds .venv from it. Run `make test-latest` first to see what would break.
+LOCK_VENV := .venv-lock
+lock:
+	test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(PIP_PIN)"
+	$(LOCK_VENV)/bin/python scripts/lock.py write
 
 run: install
 	$(BIN)/kedro run
@@ -31,24 +51,35 @@ test: install airflow-env
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
-# Style, then the licences: no GPL/AGPL-only runtime dependency (the project is Apache-2.0).
+# The fast tests on the newest versions pyproject.toml allows, in a throw-away environment: what
+# a `make lock` would bring, and what it would break. Not part of CI.
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(LATEST_VENV)/bin/python scripts/lock.py compare
+	$(LATEST_VENV)/bin/python -m pytest -m "not slow" -p no:cacheprovider
+
+# Style, the locks (they match pyproject.toml, .venv holds pylock.toml), then the licences: no
+# GPL/AGPL-only runtime dependency (the project is Apache-2.0).
 lint: install
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/python scripts/lock.py check
 	$(BIN)/python scripts/check_licences.py
 
 clean:
-	rm -rf $(VENV) $(AIRFLOW_VENV) airflow_dags airflow_home dist
+	rm -rf $(VENV) $(AIRFLOW_VENV) $(LOCK_VENV) $(LATEST_VENV) airflow_dags airflow_home dist
 
 # ---- Airflow (see README, "Schedule it") ------------------------------------------------------
 # Build outputs are rebuilt only when what they are made from changes: the wheel and the
 # configuration archive from src/ and conf/, the DAG files also from the template, and Airflow's
-# environment when the Airflow pin or the project's runtime dependencies change.
+# environment when its lock changes.
 AIRFLOW_PIPELINES := __default__,feature_transfer,parameter_transfer,structure_transfer,predict
-AIRFLOW_PIN := apache-airflow==3.3.2
 AIRFLOW_VENV ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
-AIRFLOW_REQUIREMENTS := $(AIRFLOW_VENV)/requirements.in
 PROJECT_IN_AIRFLOW := $(AIRFLOW_VENV)/.project-installed
 PROJECT_SOURCES := pyproject.toml $(shell find src conf -type f ! -path '*/__pycache__/*' \
 	! -path 'conf/local/*' ! -path '*.egg-info/*' 2>/dev/null)
@@ -89,17 +120,13 @@ $(PROJECT_IN_AIRFLOW): $(AIRFLOW_STAMP) $(WHEEL_STAMP)
 	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --no-deps --force-reinstall dist/*.whl
 	touch $@
 
-# The Airflow pin and the project's runtime dependencies; rewritten only when they change, so
-# that an edit elsewhere in pyproject.toml does not reinstall Airflow.
-$(AIRFLOW_REQUIREMENTS): pyproject.toml
-	mkdir -p $(AIRFLOW_VENV)
-	{ echo "$(AIRFLOW_PIN)"; sed -n '/^dependencies = \[/,/^\]/p' pyproject.toml; } > $@.new
-	if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
-
-$(AIRFLOW_STAMP): $(AIRFLOW_REQUIREMENTS)
-	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
-	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(AIRFLOW_VENV)/bin/python -m pip install --quiet "$(AIRFLOW_PIN)" -e .
+# Airflow (pyproject's `airflow` extra) and the project's runtime dependencies, exactly as
+# pylock.airflow.toml has them; rebuilt whenever that lock changes.
+$(AIRFLOW_STAMP): pylock.airflow.toml
+	rm -rf $(AIRFLOW_VENV)
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet "$(PIP_PIN)"
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet -r pylock.airflow.toml
 	touch $(AIRFLOW_STAMP)
 
 airflow-standalone: airflow

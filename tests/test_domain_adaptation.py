@@ -90,6 +90,7 @@ def test_target_standardisation_undoes_a_per_dimension_rescaling():
     scale, shift = rng.uniform(0.2, 5.0, size=6), rng.normal(scale=40, size=6)
     target = features * scale + shift  # the same images seen by another "camera"
     adapted = with_target_standardisation(head, target)
+    # The same standardised features by two float64 routes (shift and scale undone): rounding.
     np.testing.assert_allclose(
         adapted.predict_proba(target), head.predict_proba(features), rtol=0, atol=1e-9
     )
@@ -102,6 +103,8 @@ def test_coral_gives_source_features_the_target_mean_and_covariance():
     source = rng.normal(size=(4000, 4)) @ rng.normal(size=(4, 4)) + 1.0
     target = rng.normal(size=(4000, 4)) @ rng.normal(size=(4, 4)) - 3.0
     aligned = CoralTransform.fit(source, target, regularisation=1e-9)(source)
+    # float64 throughout: the mean by rounding only; the covariance also by the 1e-9 ridge and
+    # the matrix square roots (eigendecompositions).
     np.testing.assert_allclose(aligned.mean(axis=0), target.mean(axis=0), atol=1e-9)
     np.testing.assert_allclose(np.cov(aligned.T), np.cov(target.T), rtol=1e-6, atol=1e-8)
 
@@ -158,6 +161,7 @@ def test_adabn_statistics_are_the_target_images_statistics(target_images):
     # the last partial batch is left out), computed directly.
     with torch.no_grad():
         conv = network[0](normalised(target_images)[:128])
+    # float32, two paths (two batches' means averaged vs one mean over 128): torch.testing's atol.
     np.testing.assert_allclose(network[1].running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-5)
     assert not torch.allclose(network[1].running_mean, before["1.running_mean"])
     for key, value in network.state_dict().items():  # no weight moved
@@ -188,12 +192,18 @@ def test_mcc_loss_against_hand_computed_values():
     classes = 4
     uniform = torch.zeros(8, classes)
     # Every row of the row-normalised confusion is uniform: off-diagonal mass (C-1)/C per row.
-    assert mcc_loss(uniform, temperature=2.5).item() == pytest.approx((classes - 1) / classes)
+    # The loss runs in float32 (float32 logits): torch.testing's float32 tolerance.
+    off_diagonal = (classes - 1) / classes
+    assert mcc_loss(uniform, 2.5).item() == pytest.approx(off_diagonal, rel=1.3e-6, abs=1e-5)
     confident = torch.eye(classes).repeat(2, 1) * 100.0  # each sample sure of its own class
+    # Off-diagonal mass ~1e-17; the sum minus the trace of float32 entries near 1 cancels to ~1e-7.
     assert mcc_loss(confident, temperature=2.5).item() == pytest.approx(0.0, abs=1e-6)
     mixed = torch.randn(16, classes, generator=torch.Generator().manual_seed(0))
     shuffled = mixed[torch.randperm(16, generator=torch.Generator().manual_seed(1))]
-    assert mcc_loss(mixed, 2.5).item() == pytest.approx(mcc_loss(shuffled, 2.5).item(), rel=1e-6)
+    # Two paths: the float32 sums over the samples run in another order.
+    assert mcc_loss(mixed, 2.5).item() == pytest.approx(
+        mcc_loss(shuffled, 2.5).item(), rel=1.3e-6, abs=1e-5
+    )
 
 
 def test_mcc_loss_two_samples_by_hand():
@@ -209,6 +219,7 @@ def test_mcc_loss_two_samples_by_hand():
         confusion += weight[sample] * np.outer(probabilities[sample], probabilities[sample])
     confusion /= confusion.sum(axis=1, keepdims=True)
     expected = (confusion.sum() - np.trace(confusion)) / 2
+    # float64 logits: the loss runs in float64, a few roundings from the formula here.
     assert mcc_loss(logits, temperature).item() == pytest.approx(expected, rel=1e-6)
 
 

@@ -59,6 +59,8 @@ def feature_network(backbone) -> nn.Module:
 
 
 def relative_difference(actual, expected) -> float:
+    """How far apart two engines' float32 outputs are, relative to the largest: the engines'
+    kernels sum in other orders, so they agree to RELATIVE_TOLERANCE, never bit for bit."""
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
@@ -245,6 +247,8 @@ def test_the_packaged_model_runs_its_checked_onnx_export_with_pytorchs_answers(
     monkeypatch.setenv(ENGINE_VARIABLE, "torch")
     torch_engine, by_torch = served_answer(packaged)
     assert (engine, torch_engine) == (ONNXRUNTIME, TORCH)
+    # Logits RELATIVE_TOLERANCE apart move a softmax probability by about that share of itself
+    # (small logits here); atol for the probabilities near 0. The same below.
     np.testing.assert_allclose(by_onnx, by_torch, rtol=RELATIVE_TOLERANCE, atol=1e-6)
 
 

@@ -175,6 +175,7 @@ def test_default_run_compares_every_strategy_with_metrics_of_their_predictions(
             default_run.saved(predictions_folder(strategy), "test_predictions.npz")
         )
         oracle = classification_metrics(stored["label"], stored["probabilities"])
+        # The same stored probabilities, two float64 formulas of each metric: rounding only.
         for key, value in oracle.items():
             assert metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (strategy, key)
         # Every strategy's deployed model is calibrated on held-out images, never on test.

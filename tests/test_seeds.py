@@ -58,6 +58,7 @@ def test_seed_intervals_equal_a_direct_two_level_bootstrap_with_scikit_learns_me
             np.mean([metric(labels[p], predicted[s][p]) for s in seeds])
             for p, seeds in zip(positions, drawn, strict=True)
         ]
+        # Confusion-matrix formulas vs scikit-learn's, float64 means of ratios: a few roundings.
         assert intervals[name] == pytest.approx(np.percentile(values, [2.5, 97.5]), abs=1e-12)
 
 
@@ -66,6 +67,7 @@ def test_identical_seeds_add_nothing_and_differing_seeds_widen_the_interval():
     one = seeds_of(labels, [0.8])
     alone = bootstrap_intervals(labels, one[0], 4)["accuracy"]
     same = bootstrap_intervals(labels, np.vstack([one, one, one]), 4)["accuracy"]
+    # The mean of three equal float64 values can miss the value by an ulp.
     assert same == pytest.approx(alone, abs=1e-12)
     spread = bootstrap_intervals(labels, seeds_of(labels, [0.7, 0.8, 0.9]), 4)["accuracy"]
     assert spread[1] - spread[0] > 3 * (alone[1] - alone[0])

@@ -37,6 +37,7 @@ def test_intervals_equal_a_direct_bootstrap_with_scikit_learns_metrics():
         ],
     }
     for name, values in scores.items():
+        # Confusion-matrix formulas vs scikit-learn's, float64 ratios of counts: a few roundings.
         assert intervals[name] == pytest.approx(np.percentile(values, [2.5, 97.5]), abs=1e-12)
         assert intervals[name][0] < accuracy_score(labels, predicted) + 0.5
 
@@ -66,6 +67,7 @@ def direct_mcnemar(a_only: int, b_only: int) -> float:
 
 @pytest.mark.parametrize("a_only,b_only", [(0, 0), (1, 0), (3, 1), (10, 2), (40, 12), (7, 7)])
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_images(a_only, b_only):
+    # scipy's binomial tail vs an exact integer sum, one division: approx's rel 1e-6 is ample.
     assert mcnemar_exact(a_only, b_only) == pytest.approx(direct_mcnemar(a_only, b_only))
 
 
@@ -100,6 +102,7 @@ def test_the_paired_interval_is_a_direct_paired_bootstrap():
     result = paired_comparison(("a", "b"), labels, a, b, resamples=500, seed=2)
     positions = np.random.default_rng(2).integers(0, 200, size=(500, 200))
     differences = [(a[p] == labels[p]).mean() - (b[p] == labels[p]).mean() for p in positions]
+    # Differences of float64 means of 0/1 values computed apart: a few roundings.
     assert result.interval == pytest.approx(np.percentile(differences, [2.5, 97.5]), abs=1e-12)
 
 
@@ -114,6 +117,7 @@ def test_detectable_difference_and_images_needed_agree():
     # Strategies that disagree on 10 % of the images.
     needed = images_needed(0.01, 0.10)
     assert 7_000 < needed < 9_000  # Connor's formula, α 0.05, power 0.8: about 7,800
+    # images_needed rounds up to whole images (about 7,800): the inverse is off by < 1e-4 rel.
     assert detectable_difference(needed, 0.10) == pytest.approx(0.01, rel=1e-3)
     smaller = detectable_difference(300, 0.10)
     assert 0.04 < smaller < 0.07  # a few hundred test images detect only several points

@@ -207,6 +207,8 @@ def test_evaluation_scores_every_model_on_the_target_test_and_reports(source, tm
     served = source["feature_transfer.image_model"].predict_files(test["location"].tolist())
     expected = (served["predicted_class"].astype(int).to_numpy() == test["label"].to_numpy()).mean()
     row = metrics["feature_transfer"]["source_only"]
+    # The same model on the same files in the same batch: the same probabilities; only the two
+    # metric formulas (float64) differ, by a few roundings.
     assert row["target_accuracy"] == pytest.approx(expected, abs=1e-12)
     probabilities = served.filter(like="probability_").to_numpy(dtype=float)
     oracle = classification_metrics(test["label"].to_numpy(), probabilities)
@@ -244,6 +246,7 @@ def test_unlabelled_target_still_adapts_and_says_there_is_no_target_test(source,
     test = index[index["split"] == "test"]
     served = adapted.predict_files(test["location"].tolist())
     expected = (served["predicted_class"].astype(int).to_numpy() == test["label"].to_numpy()).mean()
+    # The node scored the same files in the same batches: equal predictions, ratios rounded alike.
     assert row["source_test_accuracy"] == pytest.approx(expected, abs=1e-12)
     assert "no labelled target test split" in outputs["domain_adaptation_report"]
     assert sorted(outputs["adapted_image_models"]) == [

@@ -75,6 +75,7 @@ def test_members_are_matched_by_image_and_weighted_on_the_images_both_held_out()
         weights["feature_transfer"] * calibrated_head
         + weights["parameter_transfer"] * calibrated_network
     )
+    # float64 both (the node's exp of log_softmax, scipy's softmax here): a few roundings.
     np.testing.assert_allclose(held_out["probabilities"], expected, atol=1e-12)
 
     # The chosen weights are the grid's log-loss minimum, checked against every other weight.
@@ -83,6 +84,7 @@ def test_members_are_matched_by_image_and_weighted_on_the_images_both_held_out()
         return -np.log(mixed[np.arange(40), held_out["label"]]).mean()
 
     chosen = loss(weights["feature_transfer"])
+    # The node's grid points and linspace's may differ by an ulp, and so may their losses.
     assert all(chosen <= loss(w) + 1e-12 for w in np.linspace(0, 1, 21))
 
 

@@ -143,4 +143,7 @@ def test_feature_transfer_and_evaluation_end_to_end(tmp_path):
     expected = softmax(np.log(head_probabilities.astype(np.float64)) / temperature, axis=1)
     scored = catalog.load("feature_transfer.test_predictions")
     np.testing.assert_array_equal(scored["location"], features["location"][test_rows])
-    np.testing.assert_allclose(scored["probabilities"], expected, rtol=0, atol=1e-6)
+    # Two paths: the server scores 64 images a call, this check all at once, and the head
+    # computes in float32 (scikit-learn keeps float32 features so), where BLAS blocks the two
+    # products differently by CPU: torch.testing's float32 tolerance, not bit equality.
+    np.testing.assert_allclose(scored["probabilities"], expected, rtol=1.3e-6, atol=1e-5)
