@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from transfer_learning.data.index import build_image_index
+from transfer_learning.data.index import build_image_index, build_indexes
 from transfer_learning.data.settings import DataSettings, DataSourceError
 
 
@@ -70,14 +70,35 @@ def test_a_given_split_is_kept_and_parquet_and_absolute_paths_work(folder, tmp_p
     assert sorted(test["location"]) == sorted(table.loc[table["fold"] == "test", "file"])
 
 
-def test_rows_without_a_label_are_left_out_and_logged(folder, tmp_path, caplog):
+def test_rows_without_a_label_form_the_unlabelled_pool(folder, tmp_path, caplog):
     table = manifest_of(folder, tmp_path / "labels.csv")
     table.loc[[2, 5], "species"] = None
     table.to_csv(tmp_path / "labels.csv", index=False)
-    with caplog.at_level(logging.WARNING):
-        index, _, _ = index_of(**manifest_params(tmp_path / "labels.csv"))
-    assert len(index) == 16
-    assert "2 row(s) without a 'species' label are left out (rows 4, 7)" in caplog.text
+    with caplog.at_level(logging.INFO):
+        indexed = build_indexes(
+            DataSettings.from_params(manifest_params(tmp_path / "labels.csv")), 3
+        )
+    assert (
+        len(indexed.index) == 16
+        and not indexed.index["location"].isin(indexed.pool["location"]).any()
+    )
+    assert indexed.pool["path"].tolist() == table.loc[[2, 5], "file"].tolist()  # as given
+    assert (indexed.pool["split"] == "unlabelled").all() and (indexed.pool["label"] == -1).all()
+    assert "2 row(s) without a label form the unlabelled pool (rows 4, 7)" in caplog.text
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_val_or_test_row_without_a_label_is_refused_by_row(folder, tmp_path, split):
+    table = manifest_of(folder, tmp_path / "labels.csv", fold="train")
+    table.loc[[0, 1], "fold"] = "test"
+    table.loc[[2, 3], "fold"] = "val"
+    table.loc[[0, 2, 5], "species"] = None  # row 5 is train: it joins the pool
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    rows = "2" if split == "test" else "4"
+    table.loc[[0 if split == "val" else 2], "species"] = "ant"  # only one of the two is wrong
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(DataSourceError, match=rf"rows {rows} are in val or test \('fold'\)"):
+        index_of(**manifest_params(tmp_path / "labels.csv", split_column="fold"))
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from transfer_learning.pipelines import (
     domain_adaptation,
     evaluation,
     feature_extraction,
+    label_next,
     learning_curve,
     predict,
 )
@@ -51,6 +52,7 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
     adaptation = _domain_adaptation(shared, strategies)
     curve = learning_curve.create_pipeline()
     quality = data_quality.create_pipeline()
+    ranking = label_next.create_pipeline()
     return {
         "data_ingestion": ingestion,
         "backbone_selection": ingestion + backbone_selection.create_pipeline(),
@@ -61,6 +63,7 @@ def build_pipelines(strategies: Sequence[Strategy]) -> dict[str, Pipeline]:
         "comparison": compare,
         **({"domain_adaptation": adaptation} if adaptation is not None else {}),
         "learning_curve": shared.to_outputs(*(curve.inputs() & shared.all_outputs())) + curve,
+        "label_next": shared.to_outputs(*(ranking.inputs() & shared.all_outputs())) + ranking,
         "predict": predict.create_pipeline([*names, *adapted_model_names(METHODS)]),
         "__default__": sum(per_strategy.values(), Pipeline([])) + compare,
     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -217,6 +218,80 @@ def find_duplicates(index: pd.DataFrame, cache_dir: str | None = None) -> pd.Dat
         },
         columns=DUPLICATE_COLUMNS,
     ).sort_values("test_location", ignore_index=True)
+
+
+def pool_duplicates_of_test(
+    index: pd.DataFrame, pool: pd.DataFrame, cache_dir: str | None = None
+) -> pd.DataFrame:
+    """One row per unlabelled pool image that is the same picture (exact or near, as
+    `find_duplicates` decides) as a test image, in `find_duplicates`' columns (`match_*`: the
+    pool image): such images are left out of the pool, since test images are never trained on,
+    labelled or not."""
+    test = index[index["split"] == "test"]
+    if test.empty or pool.empty:
+        return pd.DataFrame(columns=DUPLICATE_COLUMNS)
+    locations = pool["location"].tolist() + test["location"].tolist()
+    hashes = image_hashes(locations, cache_dir)
+    pool_at, test_at = np.arange(len(pool)), len(pool) + np.arange(len(test))
+    pairs = _verified_pairs(hashes, pool_at, test_at)
+    closest = pairs.sort_values(["exact", "correlation"], ascending=False).drop_duplicates("query")
+    counts = pairs.groupby("query").size()
+    return pd.DataFrame(
+        {
+            "test_location": test["location"].to_numpy()[closest["match"]],
+            "test_class": test["class_name"].to_numpy()[closest["match"]],
+            "match_location": pool["location"].to_numpy()[closest["query"]],
+            "match_split": pool["split"].to_numpy()[closest["query"]],
+            "match_class": "",
+            "kind": np.where(closest["exact"], "exact", "near"),
+            "distance_bits": closest["bits"].to_numpy(),
+            "correlation": closest["correlation"].round(4).to_numpy(),
+            "n_matches": counts[closest["query"]].to_numpy(),
+        },
+        columns=DUPLICATE_COLUMNS,
+    ).sort_values("match_location", ignore_index=True)
+
+
+def leave_out_of_pool(pool: pd.DataFrame, duplicates: pd.DataFrame) -> pd.DataFrame:
+    """The pool without its images that duplicate test images (logged, with where to look)."""
+    if duplicates.empty:
+        return pool
+    listing = "\n".join(
+        f"  {row.match_location} ~ {row.test_location} ({row.kind})"
+        for row in duplicates.head(20).itertuples()
+    )
+    more = f"\n  … and {len(duplicates) - 20} more" if len(duplicates) > 20 else ""
+    logger.warning(
+        "%d unlabelled pool image(s) duplicate test images and are left out of the pool (test "
+        "images are never trained on, labelled or not; see data/08_reporting/duplicates.csv):"
+        "\n%s%s",
+        len(duplicates),
+        listing,
+        more,
+    )
+    return pool[~pool["location"].isin(duplicates["match_location"])].reset_index(drop=True)
+
+
+def same_picture_check(
+    locations: list[str], cache_dir: str | None = None
+) -> Callable[[np.ndarray], list[tuple[int, int]]]:
+    """A check for any set of these images (positions into `locations`): the pairs that are the
+    same picture, exact or near, as `find_duplicates` decides. Every file is hashed once, here
+    (or its hashes reused from `cache_dir`)."""
+    if not locations:
+        return lambda positions: []
+    hashes = image_hashes(locations, cache_dir)
+
+    def same_pictures(positions: np.ndarray) -> list[tuple[int, int]]:
+        positions = np.asarray(positions, dtype=int)
+        pairs = _verified_pairs(hashes, positions, positions)
+        return [
+            (int(positions[query]), int(positions[match]))
+            for query, match in zip(pairs["query"], pairs["match"], strict=True)
+            if query < match
+        ]
+
+    return same_pictures
 
 
 WITHIN_COLUMNS = [

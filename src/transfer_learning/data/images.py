@@ -58,6 +58,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+THUMBNAIL = 128  # pixels on the longer side of a report's thumbnails
+
+
+def thumbnail(location: str) -> np.ndarray:
+    """The image at `location`, at most THUMBNAIL pixels a side, for a report's montage."""
+    image = load_rgb(location, min_size=THUMBNAIL)
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    return np.asarray(image)
+
+
 def load_rgb(location: str, min_size: int | None = None) -> Image.Image:
     """Decode the image at `location` (a file path or a `sklearn-digits:<i>` reference) as RGB.
 

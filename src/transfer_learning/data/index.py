@@ -10,6 +10,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from transfer_learning.data.sources import (
     image_files,
     index_digits,
     index_manifest,
+    pool_frame,
     scan_image_folder,
 )
 
@@ -59,6 +61,26 @@ def build_image_index(
 
 def build_task_index(settings: DataSettings, seed: int) -> tuple[pd.DataFrame, Tasks, pd.DataFrame]:
     """Index the configured source; returns (index, its tasks and their classes, skipped files)."""
+    indexed = build_indexes(settings, seed)
+    return indexed.index, indexed.tasks, indexed.skipped
+
+
+@dataclass(frozen=True)
+class IndexedImages:
+    """What ingestion finds: the image index (labelled train / val / test), its tasks, the
+    unlabelled pool (`sources.pool_frame` rows, not in the index) and the files left out as
+    unreadable (of both)."""
+
+    index: pd.DataFrame
+    tasks: Tasks
+    pool: pd.DataFrame
+    skipped: pd.DataFrame
+
+
+def build_indexes(settings: DataSettings, seed: int) -> IndexedImages:
+    """Index the configured source and its unlabelled pool (a manifest's rows without a label,
+    and the images under `data.unlabelled_path`)."""
+    pool = pool_frame([])
     if settings.source == "digits":
         frame, classes = index_digits()
         tasks = Tasks({SINGLE_TASK: classes})
@@ -66,7 +88,7 @@ def build_task_index(settings: DataSettings, seed: int) -> tuple[pd.DataFrame, T
     else:
         if settings.source == "manifest":
             origin = Path(settings.manifest)
-            frame, tasks = index_manifest(settings)
+            frame, tasks, pool = index_manifest(settings)
         else:
             origin = (
                 Path(settings.path)
@@ -80,7 +102,51 @@ def build_task_index(settings: DataSettings, seed: int) -> tuple[pd.DataFrame, T
     frame = assign_splits(frame, settings.val_fraction, settings.test_fraction, seed)
     if settings.imbalance_ratio is not None:
         frame = long_tailed(frame, settings.imbalance_ratio, seed)
-    return frame.reset_index(drop=True), tasks, skipped
+    pool, skipped_pool = _readable_pool(pool, frame, settings)
+    return IndexedImages(
+        frame.reset_index(drop=True),
+        tasks,
+        pool,
+        pd.concat([skipped, skipped_pool]) if len(skipped_pool) else skipped,
+    )
+
+
+def _readable_pool(
+    pool: pd.DataFrame, index: pd.DataFrame, settings: DataSettings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The pool with `data.unlabelled_path`'s images added, less the images the index already
+    holds, less unreadable files (always skipped and reported: a pool is many files nobody
+    checked), and the files skipped."""
+    if settings.unlabelled_path:
+        pool = pd.concat([pool, pool_frame(_unlabelled_folder_images(settings.unlabelled_path))])
+    pool = pool[~pool["location"].isin(index["location"])].drop_duplicates("location")
+    if pool.empty:
+        return pool.reset_index(drop=True), pd.DataFrame(columns=SKIPPED_COLUMNS)
+    pool, skipped = _drop_unreadable(
+        pool.reset_index(drop=True), replace(settings, on_corrupt="skip")
+    )
+    if pool.empty:
+        logger.warning(
+            "None of the %d unlabelled pool image(s) can be read: the pool is empty.", len(skipped)
+        )
+    return pool.reset_index(drop=True), skipped
+
+
+def _unlabelled_folder_images(path: str) -> list[str]:
+    root = Path(path)
+    if not root.is_dir():
+        raise DataSourceError(
+            f"data.unlabelled_path={path!r} is not a folder; point it at a folder of images "
+            "without labels (any depth, no class folders needed)."
+        )
+    found = image_files(root)
+    if not found:
+        logger.warning(
+            "data.unlabelled_path=%r holds no images (%s): the unlabelled pool is empty.",
+            path,
+            ", ".join(sorted(IMAGE_EXTENSIONS)),
+        )
+    return found
 
 
 def long_tailed(frame: pd.DataFrame, ratio: float, seed: int) -> pd.DataFrame:

@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 
 
 SPLITS = ("train", "val", "test")
+# The split of images without labels (a manifest's unlabelled rows, data.unlabelled_path): never
+# val or test, and never in the image index that training and evaluation read.
+POOL = "unlabelled"
 
 
 SOURCES = ("digits", "imagefolder", "torchvision", "manifest")
@@ -62,6 +65,8 @@ class DataSettings:
     # Train/val images the latest data_quality run flagged as label issues: keep | drop.
     on_label_issue: str = "keep"
     download_dir: str = "data/01_raw/torchvision"
+    # imagefolder or manifest: a folder of images without labels (any depth), the unlabelled pool
+    unlabelled_path: str | None = None
     target_path: str | None = None  # domain_adaptation: images of the domain to adapt to
     target_test_fraction: float = 0.5  # of labelled target images, held out for evaluation
     # Experiments on long-tailed data: train+val subsampled so that class counts fall off
@@ -107,6 +112,11 @@ class DataSettings:
             raise DataSourceError(
                 "data.source=manifest needs data.manifest, the CSV or parquet table of image "
                 'paths and labels, e.g. --params="data.source=manifest,data.manifest=labels.csv".'
+            )
+        if self.unlabelled_path is not None and self.source not in ("imagefolder", "manifest"):
+            raise DataSourceError(
+                f"data.unlabelled_path is for data.source=imagefolder or manifest, not "
+                f"{self.source!r}."
             )
         if self.source == "torchvision" and not self.name:
             raise DataSourceError(

@@ -20,6 +20,7 @@ from transfer_learning.data.images import (
 from transfer_learning.data.settings import (
     MANIFEST_FORMATS,
     OFFLINE_ALTERNATIVES,
+    POOL,
     SPLITS,
     DataSettings,
     DataSourceError,
@@ -43,13 +44,14 @@ def index_digits() -> tuple[pd.DataFrame, list[str]]:
     return frame, [str(digit) for digit in range(10)]
 
 
-def index_manifest(settings: DataSettings) -> tuple[pd.DataFrame, Tasks]:
-    """The image index of a manifest table: one row per image, its label(s), optionally its split.
+def index_manifest(settings: DataSettings) -> tuple[pd.DataFrame, Tasks, pd.DataFrame]:
+    """The image index of a manifest table: one row per image, its label(s), optionally its split;
+    its tasks; and the unlabelled pool, the rows with no label at all (`unlabelled_rows`).
 
-    One label column: rows without a label are left out (logged). Several (multi-task): a row
-    is kept when it has at least one label, and a task ignores the rows without its label
-    (`tasks.MISSING`). Every other problem is an error that names the manifest, the column and
-    the rows (as numbered in a spreadsheet: the header is row 1).
+    Several label columns (multi-task): a row is kept when it has at least one label, and a task
+    ignores the rows without its label (`tasks.MISSING`). Every other problem is an error that
+    names the manifest, the column and the rows (as numbered in a spreadsheet: the header is
+    row 1).
     """
     manifest = Path(settings.manifest)
     table = _read_manifest(manifest)
@@ -71,14 +73,7 @@ def index_manifest(settings: DataSettings) -> tuple[pd.DataFrame, Tasks]:
         for column in label_columns
     }
     unlabelled = pd.concat([names[c].isna() for c in label_columns], axis=1).all(axis=1)
-    if unlabelled.any():
-        logger.warning(
-            "%s: %d row(s) without %s are left out (rows %s)",
-            manifest,
-            int(unlabelled.sum()),
-            "a " + repr(label_columns[0]) + " label" if len(label_columns) == 1 else "any label",
-            _row_list(rows[unlabelled]),
-        )
+    pool = unlabelled_rows(manifest, table[unlabelled], rows[unlabelled], settings)
     table, rows = table[~unlabelled], rows[~unlabelled]
     names = {column: values[~unlabelled] for column, values in names.items()}
     classes = {
@@ -109,7 +104,46 @@ def index_manifest(settings: DataSettings) -> tuple[pd.DataFrame, Tasks]:
     if len(label_columns) > 1:
         for column in label_columns:
             frame[task_label_column(column)] = ids[column]
-    return frame, Tasks(classes)
+    return frame, Tasks(classes), pool
+
+
+def unlabelled_rows(
+    manifest: Path, table: pd.DataFrame, rows: pd.Series, settings: DataSettings
+) -> pd.DataFrame:
+    """The manifest's rows without any label, as pool rows (`pool_frame`): images to learn from
+    without labels and to rank for labelling. A val or test row without a label is an error:
+    model selection and evaluation read labelled images only."""
+    if settings.split_column:
+        split = table[settings.split_column].astype("string").str.strip().str.lower()
+        _refuse_rows(
+            manifest,
+            rows[split.isin(["val", "test"]).fillna(False).to_numpy()],
+            f"are in val or test ({settings.split_column!r}) but have no label; label them, or "
+            "move them to train (or leave the split empty) to make them unlabelled pool images",
+        )
+    if len(table):
+        logger.info(
+            "%s: %d row(s) without a label form the unlabelled pool (rows %s)",
+            manifest,
+            len(table),
+            _row_list(rows),
+        )
+    return pool_frame(table["location"].tolist(), table[settings.path_column].astype(str).tolist())
+
+
+def pool_frame(locations: list[str], paths: list[str] | None = None) -> pd.DataFrame:
+    """Index rows of unlabelled images: `location` (what is read), `path` (as the user gave it),
+    no label, split `unlabelled`."""
+    return pd.DataFrame(
+        {
+            "location": locations,
+            "path": paths if paths is not None else locations,
+            "label": np.full(len(locations), MISSING, dtype=np.int64),
+            "class_name": "",
+            "split": POOL,
+        },
+        columns=["location", "path", "label", "class_name", "split"],
+    )
 
 
 def _manifest_classes(manifest: Path, column: str, names: pd.Series) -> list[str]:

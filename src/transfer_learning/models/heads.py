@@ -66,13 +66,13 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, features: np.ndarray, labels: np.ndarray) -> PrototypeClassifier:
         self.classes_, which = np.unique(labels, return_inverse=True)
-        unit = _unit_rows(features)
+        unit = unit_rows(features)
         means = np.stack([unit[which == k].mean(axis=0) for k in range(len(self.classes_))])
-        self.prototypes_ = _unit_rows(means)
+        self.prototypes_ = unit_rows(means)
         return self
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        scores = self.temperature * _unit_rows(features) @ self.prototypes_.T
+        scores = self.temperature * unit_rows(features) @ self.prototypes_.T
         scores -= scores.max(axis=1, keepdims=True)
         exp = np.exp(scores)
         return exp / exp.sum(axis=1, keepdims=True)
@@ -81,7 +81,7 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(features).argmax(axis=1)]
 
 
-def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
     matrix = np.asarray(matrix, dtype=np.float64)
     return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 

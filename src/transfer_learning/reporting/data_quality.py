@@ -80,19 +80,37 @@ def label_issue_montage(
 ) -> Figure:
     """The most suspect images, each titled with its given and suggested label."""
     shown = flagged.head(MONTAGE_IMAGES)
-    rows = max(1, -(-len(shown) // columns))
+    return image_montage(
+        [
+            (row.path, f"given: {row.given_label}\nsuggested: {row.suggested_label}")
+            for row in shown.itertuples()
+        ],
+        read_image,
+        "Most suspect labels (train+val)",
+        "No label issues found",
+        columns,
+    )
+
+
+def image_montage(
+    images: Sequence[tuple[str, str]],
+    read_image: Callable[[str], np.ndarray],
+    title: str,
+    when_empty: str,
+    columns: int = 6,
+) -> Figure:
+    """A grid of images (location, caption), read by `read_image`, under `title`."""
+    rows = max(1, -(-len(images) // columns))
     figure = Figure(figsize=(2.2 * columns, 2.5 * rows))
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for axis in axes:
         axis.axis("off")
-    for axis, row in zip(axes, shown.itertuples(), strict=False):
-        axis.imshow(read_image(row.path))
-        axis.set_title(
-            f"given: {row.given_label}\nsuggested: {row.suggested_label}", fontsize=8, color="#333"
-        )
-    if shown.empty:
-        axes[0].text(0.5, 0.5, "No label issues found", ha="center", va="center")
-    figure.suptitle("Most suspect labels (train+val)")
+    for axis, (location, caption) in zip(axes, images, strict=False):
+        axis.imshow(read_image(location))
+        axis.set_title(caption, fontsize=8, color="#333")
+    if not images:
+        axes[0].text(0.5, 0.5, when_empty, ha="center", va="center")
+    figure.suptitle(title)
     figure.tight_layout()
     return figure
 

@@ -241,7 +241,9 @@ def test_drop_leaves_flagged_training_images_out_and_test_rows_untouched():
     unchanged, *_ = index_images(data, 0, stored)
     assert unchanged.equals(kept)  # data.on_label_issue=keep, the default
 
-    dropped, _, _, _, profile, metrics = index_images({**data, "on_label_issue": "drop"}, 0, stored)
+    dropped, _, _, _, profile, _, metrics = index_images(
+        {**data, "on_label_issue": "drop"}, 0, stored
+    )
     moved = dropped.index[dropped["split"] == DROPPED]
     assert sorted(moved) == sorted([*train[:3], val[0]])
     assert dropped.drop(moved).equals(kept.drop(moved))  # every other row as it was

@@ -17,6 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "skipped_images",
                     "duplicates",
                     "data_profile",
+                    "unlabelled_index",
                     "ingestion_metrics",
                 ],
                 name="index_images",

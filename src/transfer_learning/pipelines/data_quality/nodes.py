@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from transfer_learning.core.tasks import MISSING, Tasks
 from transfer_learning.data.duplicates import find_duplicates_within
-from transfer_learning.data.images import load_rgb
+from transfer_learning.data.images import thumbnail
 from transfer_learning.data.label_issues import (
     DROPPED,
     LabelIssues,
@@ -42,7 +42,6 @@ ISSUE_COLUMNS = [
     "is_label_issue",
 ]
 NOISE_COLUMNS = ["class_name", "images", "flagged", "noise_rate"]
-THUMBNAIL = 128
 
 
 def find_label_issues_in_features(
@@ -191,10 +190,4 @@ def report_data_quality(
         "train_val_duplicates": len(duplicates),
         "train_val_label_conflicts": int((~duplicates["same_class"].astype(bool)).sum()),
     }
-    return markdown, label_issue_montage(flagged, _thumbnail), mlflow_metrics(metrics)
-
-
-def _thumbnail(location: str) -> np.ndarray:
-    image = load_rgb(location)
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    return np.asarray(image)
+    return markdown, label_issue_montage(flagged, thumbnail), mlflow_metrics(metrics)

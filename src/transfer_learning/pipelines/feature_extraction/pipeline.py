@@ -1,4 +1,5 @@
-"""The feature_extraction pipeline: which backbone (resolving `auto`), then its features."""
+"""The feature_extraction pipeline: which backbone (resolving `auto`), then its features (of the
+image index, and of the unlabelled pool)."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -34,6 +35,23 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["image_features", "extraction_metrics", "extraction_choice"],
                 name="extract_image_features",
+            ),
+            # The unlabelled pool, by the same backbone (only pipelines that read it run this).
+            Node(
+                func=extract_image_features,
+                inputs=[
+                    "unlabelled_index",
+                    "backbone",
+                    "params:extraction",
+                    "params:device",
+                    "params:distributed",
+                ],
+                outputs=[
+                    "unlabelled_features",
+                    "unlabelled_extraction_metrics",
+                    "unlabelled_extraction_choice",
+                ],
+                name="extract_unlabelled_features",
             ),
         ]
     )
