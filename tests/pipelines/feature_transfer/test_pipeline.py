@@ -10,6 +10,7 @@ from tests.conftest import backbone_choice_inputs
 from tests.oracles import classification_metrics, per_class_recall
 from transfer_learning.data.index import build_image_index
 from transfer_learning.data.settings import DataSettings
+from transfer_learning.data.sources import pool_frame
 from transfer_learning.pipelines import feature_extraction
 from transfer_learning.pipelines.evaluation import evaluation_for
 from transfer_learning.pipelines.feature_transfer import create_pipeline
@@ -87,6 +88,7 @@ def test_feature_transfer_and_evaluation_end_to_end(tmp_path):
     catalog = DataCatalog(
         {
             "image_index": MemoryDataset(index),
+            "unlabelled_index": MemoryDataset(pool_frame([])),  # no unlabelled images
             "class_names": MemoryDataset({"classes": classes}),
             "data_profile": MemoryDataset({"typical_short_side": 8}),
             "params:backbone": MemoryDataset({"name": "efficientnet_lite0", "image_size": 64}),
