@@ -20,7 +20,9 @@ sampling. What is written here is what no library decides for the user:
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,8 @@ from skactiveml.utils import MISSING_LABEL
 
 from transfer_learning.core.config import check_known_keys
 from transfer_learning.models.heads import HeadSettings, select_and_fit, unit_rows
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "typicality", "margin", "random")
 # auto: typicality below this many labelled images a class (on average), margin from there on.
@@ -202,29 +206,53 @@ def _reason(method: str, position: int, probabilities: np.ndarray | None) -> str
 @dataclass(frozen=True)
 class Proposal:
     """The images to label next: `table` (TABLE_COLUMNS, most useful first, plus `location`),
-    how they were chosen, and the head whose guesses `suggested_label` gives."""
+    how they were chosen, the head whose guesses `suggested_label` gives, and the effort."""
 
     table: pd.DataFrame
     method: str
     head_type: str
-    passed_over: int
+    passed_over: int  # near-duplicates of an image already in the batch
+    n_pool: int
+    n_labelled: int
+    seconds: float
+
+    def figures(self) -> dict[str, float]:
+        """What MLflow records of the run (metrics)."""
+        return {
+            "n_unlabelled": self.n_pool,
+            "n_proposed": len(self.table),
+            "n_labelled": self.n_labelled,
+            "near_duplicates_passed_over": self.passed_over,
+            "seconds": self.seconds,
+        }
+
+    def choice(self) -> dict[str, str]:
+        """What `auto` resolved to (MLflow parameters)."""
+        return {"method": self.method, "head_type": self.head_type}
 
 
-def propose_labels(  # noqa: PLR0913 (the pool, the labelled images, the two settings, the check)
+def labelled_rows(image_features: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Which rows of the extracted features count as labelled: train and val, never test."""
+    return np.isin(image_features["split"], ["train", "val"]) & (image_features["label"] >= 0)
+
+
+def propose_labels(
+    image_features: Mapping[str, np.ndarray],
     pool: pd.DataFrame,
     pool_features: np.ndarray,
-    labelled: tuple[np.ndarray, np.ndarray],
     classes: list[str],
     settings: LabelNextSettings,
     head_settings: HeadSettings,
     seed: int,
     near_duplicates: NearDuplicates | None = None,
 ) -> Proposal:
-    """Rank the pool (rows of `sources.pool_frame`) for labelling from the labelled images
-    (features, label ids): the head is fitted on them as the feature-based strategy fits it (type and
-    hyper-parameters chosen by cross-validation), and its most probable class for each chosen
-    image is the `suggested_label`, a pre-label for the labelling tool."""
-    features, labels = labelled
+    """Rank the pool (rows of `sources.pool_frame`) for labelling from the train and val images
+    of `image_features`: the head is fitted on them as the feature-based strategy fits it (type
+    and hyper-parameters chosen by cross-validation), and its most probable class for each
+    chosen image is the `suggested_label`, a pre-label for the labelling tool."""
+    started = time.perf_counter()
+    labelled = labelled_rows(image_features)
+    features, labels = image_features["features"][labelled], image_features["label"][labelled]
     head = select_and_fit((features, labels), (features[:0], labels[:0]), head_settings, seed)
     probabilities = head.model.predict_proba(pool_features) if len(pool_features) else None
     method = settings.resolved_method(len(labels), len(classes))
@@ -255,7 +283,20 @@ def propose_labels(  # noqa: PLR0913 (the pool, the labelled images, the two set
             "location": chosen["location"].to_numpy(),
         }
     )
-    return Proposal(table, method, head.head_type, ranked.passed_over)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "label_next: %d of %d unlabelled images ranked by %s in %.1f s (%d near-duplicates passed "
+        "over). Label them in data/08_reporting/label_next_manifest.csv, then run "
+        '--params="data.source=manifest,data.manifest=<that file>,data.split_column=split".',
+        len(table),
+        len(pool),
+        method,
+        seconds,
+        ranked.passed_over,
+    )
+    return Proposal(
+        table, method, head.head_type, ranked.passed_over, len(pool), int(labelled.sum()), seconds
+    )
 
 
 def close_in_features(pool_features: np.ndarray, seed: int) -> NearDuplicates:
@@ -286,16 +327,26 @@ def close_in_features(pool_features: np.ndarray, seed: int) -> NearDuplicates:
     return close
 
 
-def labelling_manifest(index: pd.DataFrame, pool: pd.DataFrame, proposal: Proposal) -> pd.DataFrame:
+def labelling_manifest(
+    image_features: Mapping[str, np.ndarray],
+    classes: list[str],
+    pool: pd.DataFrame,
+    proposal: Proposal,
+) -> pd.DataFrame:
     """A manifest (`path`, `label`, `split`) of every image: the batch to label first, with an
     empty label to fill in, then the labelled images as they are split now (the test split
     stays the test split), then the rest of the pool. Read back with data.source=manifest and
     data.split_column=split, the filled-in rows train, the empty ones stay the pool."""
     batch = pd.DataFrame({"path": proposal.table["location"], "label": "", "split": "train"})
+    split = pd.Series(image_features["split"])
     # Images set aside as label issues were train or val images; ingestion sets them aside again.
-    split = index["split"].where(index["split"].isin(["train", "val", "test"]), "train")
+    split = split.where(split.isin(["train", "val", "test"]), "train")
     labelled = pd.DataFrame(
-        {"path": index["location"], "label": index["class_name"], "split": split}
+        {
+            "path": image_features["location"],
+            "label": np.asarray(classes, dtype=object)[image_features["label"]],
+            "split": split,
+        }
     )
     rest = pool[~pool["location"].isin(proposal.table["location"])]
     unlabelled = pd.DataFrame({"path": rest["location"], "label": "", "split": ""})

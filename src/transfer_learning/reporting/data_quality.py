@@ -92,6 +92,21 @@ def label_issue_montage(
     )
 
 
+def labelling_montage(
+    batch: pd.DataFrame, method: str, read_image: Callable[[str], np.ndarray]
+) -> Figure:
+    """The images to label next (label_next's table), each with its rank and suggested label."""
+    return image_montage(
+        [
+            (row.location, f"#{row.rank}: {row.suggested_label}? ({row.confidence:.0%})")
+            for row in batch.itertuples()
+        ],
+        read_image,
+        f"Label next ({method}): the suggested label is the current model's guess",
+        "Nothing to label",
+    )
+
+
 def image_montage(
     images: Sequence[tuple[str, str]],
     read_image: Callable[[str], np.ndarray],
